@@ -1,0 +1,1 @@
+"""The Python client: PaddleClas-exact preprocessing and top-k classification."""

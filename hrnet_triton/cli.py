@@ -1,0 +1,143 @@
+"""``hrnet-triton``: one command line for every stage.
+
+Subcommands: ``variants`` (the seed table), ``export`` (weights -> ONNX, parity-gated),
+``classify`` (top-k labels for image files). Each subcommand is a thin layer over a typed
+function of its stage; errors of the project's family are printed as one message, with exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from hrnet_triton import __version__, variants
+from hrnet_triton.errors import HrnetTritonError
+
+log = logging.getLogger("hrnet_triton")
+
+
+def _cmd_variants(args: argparse.Namespace) -> int:
+    rows = variants.VARIANTS
+    if args.json:
+        print(json.dumps(
+            [{**v.__dict__, "flavour": v.flavour.value, "pretrained_url": v.pretrained_url,
+              "inference_url": v.inference_url} for v in rows], indent=2))  # fmt: skip
+        return 0
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
+    head = f"{'model':<20} {'width':>5} {'SE':>3} {'weights':<8} {'top1':>6} {'top5':>6} {'ref1':>6} {'ref5':>6} {'GFLOPs':>7} {'Mparams':>8}"
+    print(head)
+    for v in rows:
+        print(
+            f"{v.name:<20} {v.width:>5} {'yes' if v.has_se else 'no':>3} {v.flavour.value:<8} {pct(v.top1):>6} "
+            f"{pct(v.top5):>6} {pct(v.ref_top1):>6} {pct(v.ref_top5):>6} {v.flops_g:>7.2f} {v.params_m:>8.2f}"
+        )
+    if args.urls:
+        print()
+        for v in rows:
+            print(f"{v.name}\n  pretrained: {v.pretrained_url}\n  inference:  {v.inference_url}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from hrnet_build.export import export_onnx, manifest_path
+    from hrnet_build.weights import WeightsSpec
+
+    variant = variants.get(args.variant)
+    spec = WeightsSpec.parse(args.weights)
+    manifest = export_onnx(
+        variant, spec, args.out,
+        paddle_model_dir=args.paddle_model_dir, cache=args.cache_dir, progress=not args.no_progress,
+    )  # fmt: skip
+    p = manifest.parity
+    print(
+        f"{variant.name}: wrote {args.out} ({manifest.onnx_bytes / 1e6:.1f} MB) and {manifest_path(args.out)}\n"
+        f"  input {manifest.input.name} {list(manifest.input.dims)} {manifest.input.dtype} -> "
+        f"output {manifest.output.name} {list(manifest.output.dims)} {manifest.output.dtype}\n"
+        f"  parity (Paddle Inference vs ONNX Runtime, {len(p.images)} photographs): max |Δprob| {p.max_abs_diff:.2e}, "
+        f"top-5 identical: {p.top5_identical}; top-1 probability {p.min_top1_prob:.3f}..{p.max_top1_prob:.3f}\n"
+        f"  {manifest.export_seconds:.0f} s, peak RSS {manifest.peak_rss_mib:.0f} MiB"
+    )
+    if not manifest.weights["labels_meaningful"]:
+        print("  NOTE: offline weights: the model's labels are meaningless.")
+    return 0
+
+
+def _cmd_classify(args: argparse.Namespace) -> int:
+    from hrnet_client.classify import OnnxRuntimeClassifier, format_predictions
+    from hrnet_client.samples import sample_images
+
+    images = [*args.images, *(sample_images() if args.samples else [])]
+    if not images:
+        raise HrnetTritonError("no images given: name image files, or pass --samples for the bundled photographs")
+    classifier = OnnxRuntimeClassifier(args.onnx)
+    preds = classifier.classify_files(images, k=args.top_k, batch_size=args.batch_size)
+    print(format_predictions(preds, as_json=args.json))
+    failed = [p for p in preds if p.error]
+    if failed:
+        log.error("%d of %d images could not be classified", len(failed), len(preds))
+        return 2
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hrnet-triton", description=__doc__.split("\n\n")[0].strip("`: "))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("variants", help="list the ten seed HRNet variants")
+    p.add_argument("--json", action="store_true", help="machine-readable output, with weight URLs")
+    p.add_argument("--urls", action="store_true", help="also print PaddleClas's weight locations")
+    p.set_defaults(func=_cmd_variants)
+
+    p = sub.add_parser("export", help="PaddleClas weights -> Paddle inference model -> parity-checked ONNX")
+    p.add_argument("variant", help="seed model name, e.g. HRNet_W18_C")
+    p.add_argument(
+        "--weights", default="auto",
+        help="'auto' (download PaddleClas's pretrained weights once), 'offline' (seeded, calibrated; labels "
+        "meaningless), a .pdparams file, or a *_infer.tar / inference-model directory (default: auto)",
+    )  # fmt: skip
+    p.add_argument("--out", type=Path, required=True, help="the ONNX file to write (X.onnx; X.manifest.json beside it)")
+    p.add_argument("--paddle-model-dir", type=Path, help="also keep the Paddle inference model in this directory")
+    p.add_argument("--cache-dir", type=Path, help="where downloads go (default: $HRNET_TRITON_CACHE or the user cache)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("classify", help="top-k ImageNet labels for image files")
+    p.add_argument("images", nargs="*", type=Path, help="image files (JPEG, PNG, BMP, TIFF, WebP)")
+    p.add_argument("--samples", action="store_true", help="also classify the bundled sample photographs")
+    p.add_argument("--onnx", type=Path, required=True, help="classify in-process with this exported ONNX model")
+    p.add_argument("--top-k", type=int, default=5, help="how many classes per image (default: 5)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per inference call (default: 8)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_classify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING if args.quiet else (logging.INFO, logging.DEBUG)[min(args.verbose, 1)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if getattr(args, "top_k", 1) < 1 or getattr(args, "batch_size", 1) < 1:
+        print("hrnet-triton: error: --top-k and --batch-size must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except HrnetTritonError as err:
+        print(f"hrnet-triton: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("hrnet-triton: interrupted; nothing half-written was left behind", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The serving contract every variant shares: tensor names, shapes and preprocessing.
+
+The exported ONNX models, the Triton configs and the client all read these values from here,
+so a model of any width is called the same way. The preprocessing defaults are PaddleClas's
+inference pipeline (``deploy/configs/inference_cls.yaml``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+
+INPUT_NAME = "x"  # PaddleClas's name for the image input of its inference models
+OUTPUT_NAME = "probabilities"  # softmax over the 1000 ImageNet classes
+NUM_CLASSES = 1000
+CHANNELS = 3
+CROP_SIZE = 224
+ONNX_OPSET = 17
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """PaddleClas's ResizeImage -> CropImage -> NormalizeImage -> ToCHWImage, as parameters.
+
+    ``scale`` is kept as PaddleClas's config writes it (0.00392157, not exactly 1/255) so the
+    tensors agree bit for bit with PaddleClas's own pipeline.
+    """
+
+    resize_short: int = 256
+    crop_size: int = CROP_SIZE
+    scale: float = 0.00392157
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    channel_order: str = "RGB"
+    layout: str = "NCHW"
+    interpolation: str = "INTER_LINEAR"
+
+    def __post_init__(self) -> None:
+        if self.crop_size <= 0 or self.resize_short < self.crop_size:
+            raise ValueError(
+                f"resize_short ({self.resize_short}) must be >= crop_size ({self.crop_size}) > 0"
+            )
+        if len(self.mean) != CHANNELS or len(self.std) != CHANNELS or min(self.std) <= 0:
+            raise ValueError(f"mean and std need {CHANNELS} values, std > 0; got {self.mean}, {self.std}")
+        if self.channel_order not in ("RGB", "BGR"):
+            raise ValueError(f"channel_order must be RGB or BGR, got {self.channel_order!r}")
+        if self.layout != "NCHW":
+            raise ValueError(f"only the NCHW layout is supported, got {self.layout!r}")
+        if self.interpolation != "INTER_LINEAR":
+            raise ValueError(f"only cv2 INTER_LINEAR resizing is supported, got {self.interpolation!r}")
+
+
+DEFAULT_PREPROCESS = PreprocessConfig()
+
+
+@dataclass(frozen=True)
+class Labels:
+    """Class names indexed by class id."""
+
+    names: tuple[str, ...] = field(repr=False)
+
+    def __getitem__(self, class_id: int) -> str:
+        return self.names[class_id]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @classmethod
+    def parse(cls, text: str) -> Labels:
+        """Parse PaddleClas's ``<id> <name>`` format; ids must be 0..N-1 in order."""
+        names = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            idx, _, name = line.partition(" ")
+            if not idx.isdigit() or int(idx) != len(names) or not name:
+                raise ValueError(f"label list line {lineno}: expected '{len(names)} <name>', got {line!r}")
+            names.append(name.strip())
+        return cls(tuple(names))
+
+
+def imagenet_labels() -> Labels:
+    text = resources.files("hrnet_triton").joinpath("data/imagenet1k_label_list.txt").read_text("utf-8")
+    return Labels.parse(text)

@@ -213,3 +213,28 @@ def test_cli_classify_prints_top_k_for_the_samples_and_flags_bad_files(w18_offli
 def test_onnxruntime_session_reads_the_exported_metadata(w18_offline):
     meta = ort.InferenceSession(str(w18_offline.onnx), providers=["CPUExecutionProvider"]).get_modelmeta()
     assert meta.custom_metadata_map["weights"] == "offline"
+
+
+def test_auto_weights_export_end_to_end_through_a_mirror(tmp_path, monkeypatch):
+    """--weights auto: download (from a local mirror), strict .pdparams load, export, gate."""
+    import paddle
+
+    from hrnet_build.calibrate import offline_model
+    from httpfiles import FileServer
+
+    variant = variants.get("HRNet_W18_C")
+    weights_file = tmp_path / "w.pdparams"
+    paddle.save(offline_model(variant, with_softmax=False).state_dict(), str(weights_file))
+    payload = weights_file.read_bytes()
+    with FileServer({"/legendary_models/HRNet_W18_C_pretrained.pdparams": payload}) as srv:
+        monkeypatch.setenv("HRNET_TRITON_WEIGHTS_MIRROR", srv.url)
+        out = tmp_path / "auto" / "HRNet_W18_C.onnx"
+        code = main(["-q", "export", "HRNet_W18_C", "--out", str(out), "--no-progress"])  # --weights defaults to auto
+    assert code == 0
+    m = json.loads(manifest_path(out).read_text())
+    assert m["weights"]["kind"] == "pdparams" and m["weights"]["labels_meaningful"] is True
+    assert m["weights"]["source"] == f"{srv.url}/legendary_models/HRNet_W18_C_pretrained.pdparams"
+    import hashlib
+
+    assert m["weights"]["sha256"] == hashlib.sha256(payload).hexdigest()
+    assert m["parity"]["max_abs_diff"] <= 1e-5 and m["parity"]["top5_identical"]

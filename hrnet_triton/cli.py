@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -126,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING if args.quiet else (logging.INFO, logging.DEBUG)[min(args.verbose, 1)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    warnings.filterwarnings("ignore", message="No ccache found")  # printed by `import paddle`, not ours to act on
     if getattr(args, "top_k", 1) < 1 or getattr(args, "batch_size", 1) < 1:
         print("hrnet-triton: error: --top-k and --batch-size must be at least 1", file=sys.stderr)
         return 2

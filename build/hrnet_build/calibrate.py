@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 
 import cv2
 import numpy as np
@@ -88,7 +89,8 @@ def calibrate(model, batch: np.ndarray) -> None:
         bn._momentum = 0.0
     model.train()
     try:
-        with paddle.no_grad():
+        with paddle.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="When training, we now always track global mean")
             model(paddle.to_tensor(batch))
     finally:
         hook.remove()

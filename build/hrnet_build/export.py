@@ -10,7 +10,8 @@ stable names (:mod:`hrnet_triton.contract`), and then gates it:
 - the outputs are probabilities (each row sums to 1), and for offline weights they are not
   saturated (calibration worked).
 
-Only a model that passes is written, atomically, with a JSON manifest beside it.
+Only a model that passes is written (atomically, with a JSON manifest beside it, and with the
+Paddle inference model if asked for).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import datetime as dt
 import logging
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -151,8 +153,6 @@ def export_onnx(
             weights_sha = resolved.sha256
         else:
             model, weights_sha = _save_inference_model(variant, resolved, Path(work) / "paddle")
-        if paddle_model_dir is not None:
-            _copy_inference_model(model, Path(paddle_model_dir))
 
         step("paddle2onnx")
         onnx_model = _standardise(_paddle2onnx(model, Path(work) / "raw.onnx"), variant, resolved)
@@ -193,8 +193,10 @@ def export_onnx(
             export_seconds=round(time.perf_counter() - start, 1),
             peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         )
+        if paddle_model_dir is not None:
+            _copy_inference_model(model, Path(paddle_model_dir))
         with atomic.atomic_path(out, ".onnx") as tmp:
-            os.replace(candidate, tmp)
+            shutil.move(candidate, tmp)  # the work dir may be on another filesystem
         atomic.write_json(manifest_path(out), manifest.to_dict())
     log.info(
         "%s -> %s (%.1f MB); parity max |Δprob| %.2e, top-5 identical on %d photographs",
@@ -224,8 +226,6 @@ def _save_inference_model(variant: Variant, resolved: wts.Weights, dest: Path) -
 
 
 def _copy_inference_model(model: wts.InferenceModel, dest: Path) -> None:
-    import shutil
-
     with atomic.atomic_path(dest) as tmp:
         tmp.mkdir()
         for f in (model.graph, model.params):
@@ -242,6 +242,9 @@ def _paddle2onnx(model: wts.InferenceModel, dest: Path):
     os.environ["POLYGRAPHY_AUTOINSTALL_DEPS"] = "0"
     import paddle2onnx
     import polygraphy.config  # noqa: F401
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.VERBOSE if log.isEnabledFor(logging.DEBUG) else G_LOGGER.ERROR
 
     try:
         paddle2onnx.export(

@@ -5,25 +5,38 @@ VENV    ?= .venv
 PYTHON  ?= python3
 BIN     := $(VENV)/bin
 OUT     ?= artifacts
+SERVE_ENV ?= .venv-serve
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test clean
+.PHONY: setup serve-env demo test clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[export,test]"
+	$(BIN)/python -m pip install --quiet -e ".[export,client,test]"
 	# Test-only reference: PaddleClas's own HRNet (its pinned dependencies are not wanted).
 	$(BIN)/python -m pip install --quiet --no-deps paddleclas==2.6.0
+	# Only the tritonserver binary of this wheel is used; its own pins (numpy<2) are not wanted.
+	$(BIN)/python -m pip install --quiet --no-deps nvidia-pytriton==0.7.0
+	touch $@
+
+# The environment Triton's Python backend runs the cpu-target models in: the stub of this
+# Triton release returns empty outputs under numpy 2 (docs/repository.md).
+serve-env: $(SERVE_ENV)/.installed
+
+$(SERVE_ENV)/.installed:
+	$(PYTHON) -m venv $(SERVE_ENV)
+	$(SERVE_ENV)/bin/python -m pip install --quiet --upgrade pip
+	$(SERVE_ENV)/bin/python -m pip install --quiet "numpy<2" "onnxruntime>=1.18"
 	touch $@
 
 demo: setup
 	$(BIN)/hrnet-triton export HRNet_W18_C --weights offline --out $(OUT)/HRNet_W18_C.onnx
 	$(BIN)/hrnet-triton classify --samples --onnx $(OUT)/HRNet_W18_C.onnx --top-k 3
 
-test: setup
+test: setup serve-env
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

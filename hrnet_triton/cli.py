@@ -1,7 +1,7 @@
 """``hrnet-triton``: one command line for every stage.
 
 Subcommands: ``variants`` (the seed table), ``export`` (weights -> ONNX, parity-gated),
-``classify`` (top-k labels for image files). Each subcommand is a thin layer over a typed
+``repo`` (a Triton model repository), ``classify`` (top-k labels for image files). Each subcommand is a thin layer over a typed
 function of its stage; errors of the project's family are printed as one message, with exit 1.
 """
 
@@ -70,6 +70,20 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_repo(args: argparse.Namespace) -> int:
+    from hrnet_build.repository import Target, write_repository
+
+    target = Target(args.target)
+    chosen = [variants.get(n) for n in (args.variants or variants.names())]
+    if target is not Target.GPU and args.onnx_dir is None:
+        log.warning("no --onnx-dir: writing configs and labels only; put each model.onnx in <model>/1/ yourself")
+    written = write_repository(
+        target, chosen, args.out, onnx_dir=args.onnx_dir, threads=args.threads, instance_kind=args.instance_kind
+    )
+    print(f"wrote {len(written)} {target.value}-target model(s) to {args.out}: {', '.join(p.name for p in written)}")
+    return 0
+
+
 def _cmd_classify(args: argparse.Namespace) -> int:
     from hrnet_client.classify import OnnxRuntimeClassifier, format_predictions
     from hrnet_client.samples import sample_images
@@ -111,6 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, help="where downloads go (default: $HRNET_TRITON_CACHE or the user cache)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("repo", help="write a Triton model repository (configs, labels, models)")
+    p.add_argument("--target", choices=["gpu", "onnx", "cpu"], required=True,
+                   help="gpu: TensorRT plans; onnx: Triton's onnxruntime backend; cpu: python backend + ONNX Runtime")
+    p.add_argument("--variants", nargs="+", metavar="NAME", help="seed model names (default: all ten)")
+    p.add_argument("--onnx-dir", type=Path, help="directory of exported <NAME>.onnx files (onnx and cpu targets)")
+    p.add_argument("--out", type=Path, required=True, help="the repository directory to write")
+    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads per instance, cpu target (default: 2)")
+    p.add_argument("--instance-kind", choices=["cpu", "gpu"], help="override the target's instance kind")
+    p.set_defaults(func=_cmd_repo)
 
     p = sub.add_parser("classify", help="top-k ImageNet labels for image files")
     p.add_argument("images", nargs="*", type=Path, help="image files (JPEG, PNG, BMP, TIFF, WebP)")

@@ -1,0 +1,232 @@
+"""Repository stage: write a Triton model repository, one model per seed variant.
+
+Configs are built as ``ModelConfig`` messages of Triton's own protobuf definitions
+(``tritonclient.grpc.model_config_pb2``) and written in its text format, so whatever this
+module writes is a config Triton can parse. Three targets share tensor names, dims, labels
+and the preprocessing contract; they differ in how the model runs:
+
+- ``gpu``: TensorRT plans (``platform: "tensorrt_plan"``, ``KIND_GPU``), CUDA graphs for the
+  common batch sizes; ``max_batch_size`` is the plans' optimisation-profile maximum.
+- ``onnx``: Triton's ``onnxruntime`` backend on the exported ONNX model (CPU by default;
+  set ``--instance-kind gpu`` for a GPU in the NGC container).
+- ``cpu``: the embedded default. Triton's ``python`` backend running ONNX Runtime
+  (``hrnet_build/triton_python_model.py``), for the ``tritonserver`` binary in the
+  ``nvidia-pytriton`` wheel, which has no onnxruntime backend.
+
+Batching choices per target are in ``TARGETS`` and explained in docs/repository.md.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from hrnet_triton import atomic
+from hrnet_triton.contract import (
+    CHANNELS, CROP_SIZE, DEFAULT_PREPROCESS, INPUT_NAME, NUM_CLASSES, OUTPUT_NAME, PreprocessConfig, imagenet_labels,
+)  # fmt: skip
+from hrnet_triton.errors import HrnetTritonError
+from hrnet_triton.variants import Variant
+
+log = logging.getLogger(__name__)
+
+LABELS_FILE = "labels.txt"
+VERSION = "1"
+PLAN_FILE = "model.plan"
+ONNX_FILE = "model.onnx"
+PYTHON_MODEL_FILE = "model.py"
+
+
+class Target(str, enum.Enum):
+    GPU = "gpu"
+    ONNX = "onnx"
+    CPU = "cpu"
+
+
+@dataclass(frozen=True)
+class Batching:
+    """Dynamic batching and queueing for one target."""
+
+    max_batch_size: int
+    preferred_batch_sizes: tuple[int, ...]
+    max_queue_delay_us: int
+    max_queue_size: int  # requests waiting beyond this are rejected at once
+    queue_timeout_us: int  # a request that waited this long is rejected
+    instances: int
+    cuda_graph_batch_sizes: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        sizes = (*self.preferred_batch_sizes, *self.cuda_graph_batch_sizes)
+        if self.max_batch_size < 1 or any(not 1 <= s <= self.max_batch_size for s in sizes):
+            raise ValueError(f"batch sizes {sizes} must lie in 1..max_batch_size={self.max_batch_size}")
+
+
+TARGETS: dict[Target, Batching] = {
+    # T4/V100: batches of 8-32 fill the GPU; a 1 ms window costs little against ~6-17 ms of
+    # compute (seed table, bs=1..8). Two instances overlap copies with compute.
+    Target.GPU: Batching(32, (8, 16, 32), 1000, 256, 2_000_000, 2, cuda_graph_batch_sizes=(1, 8, 16, 32)),
+    # ONNX Runtime on CPU gains little from big batches; 8 keeps latency bounded.
+    Target.ONNX: Batching(16, (4, 8), 2000, 64, 5_000_000, 1),
+    # The embedded default on a 2-core machine: ~30 ms per image at batch 1 (docs/export.md),
+    # batches of 4-8 amortise the Python backend's per-request overhead.
+    Target.CPU: Batching(8, (4, 8), 2000, 32, 5_000_000, 1),
+}
+
+
+def _pb():
+    try:
+        from tritonclient.grpc import model_config_pb2
+    except ImportError as err:  # pragma: no cover - exercised only without the extra
+        raise HrnetTritonError(
+            "writing Triton configs needs tritonclient: pip install 'hrnet-triton[client]'"
+        ) from err
+    return model_config_pb2
+
+
+def model_config(
+    variant: Variant,
+    target: Target,
+    *,
+    threads: int = 2,
+    instance_kind: str | None = None,
+    preprocess: PreprocessConfig = DEFAULT_PREPROCESS,
+):
+    """The ``ModelConfig`` message for ``variant`` on ``target``."""
+    pb = _pb()
+    b = TARGETS[target]
+    cfg = pb.ModelConfig(name=variant.name, max_batch_size=b.max_batch_size)
+    if target is Target.GPU:
+        cfg.platform = "tensorrt_plan"
+        cfg.default_model_filename = PLAN_FILE
+    elif target is Target.ONNX:
+        cfg.backend = "onnxruntime"
+        cfg.default_model_filename = ONNX_FILE
+    else:
+        cfg.backend = "python"
+
+    cfg.input.add(name=INPUT_NAME, data_type=pb.TYPE_FP32, dims=[CHANNELS, CROP_SIZE, CROP_SIZE])
+    cfg.output.add(name=OUTPUT_NAME, data_type=pb.TYPE_FP32, dims=[NUM_CLASSES], label_filename=LABELS_FILE)
+
+    db = cfg.dynamic_batching
+    db.preferred_batch_size.extend(b.preferred_batch_sizes)
+    db.max_queue_delay_microseconds = b.max_queue_delay_us
+    policy = db.default_queue_policy
+    policy.timeout_action = pb.ModelQueuePolicy.REJECT
+    policy.default_timeout_microseconds = b.queue_timeout_us
+    policy.allow_timeout_override = True
+    policy.max_queue_size = b.max_queue_size
+
+    kind = instance_kind or ("gpu" if target is Target.GPU else "cpu")
+    cfg.instance_group.add(count=b.instances, kind=pb.ModelInstanceGroup.KIND_GPU if kind == "gpu" else pb.ModelInstanceGroup.KIND_CPU)
+    cfg.version_policy.latest.num_versions = 1
+
+    if b.cuda_graph_batch_sizes:
+        cuda = cfg.optimization.cuda
+        cuda.graphs = True
+        for size in b.cuda_graph_batch_sizes:
+            cuda.graph_spec.add(batch_size=size)
+
+    for size in sorted({1, b.max_batch_size}):
+        warm = cfg.model_warmup.add(name=f"random_batch_{size}", batch_size=size)
+        warm.inputs[INPUT_NAME].data_type = pb.TYPE_FP32
+        warm.inputs[INPUT_NAME].dims.extend([CHANNELS, CROP_SIZE, CROP_SIZE])
+        warm.inputs[INPUT_NAME].random_data = True
+
+    params = {
+        "variant": variant.name,
+        "resize_short": str(preprocess.resize_short),
+        "crop_size": str(preprocess.crop_size),
+        "scale": repr(preprocess.scale),
+        "mean": ",".join(repr(m) for m in preprocess.mean),
+        "std": ",".join(repr(s) for s in preprocess.std),
+        "channel_order": preprocess.channel_order,
+        "layout": preprocess.layout,
+        "interpolation": preprocess.interpolation,
+    }
+    if target is Target.CPU:
+        params["onnx_intra_op_threads"] = str(threads)
+    for key, value in params.items():
+        cfg.parameters[key].string_value = value
+    return cfg
+
+
+def config_text(cfg) -> str:
+    from google.protobuf import text_format
+
+    return text_format.MessageToString(cfg)
+
+
+def parse_config(text: str):
+    """Parse ``config.pbtxt`` text with Triton's protobuf definitions."""
+    from google.protobuf import text_format
+
+    return text_format.Parse(text, _pb().ModelConfig())
+
+
+def preprocess_from_config(cfg) -> PreprocessConfig:
+    """Read the preprocessing contract back from a config's ``parameters``."""
+    p = {k: v.string_value for k, v in cfg.parameters.items()}
+
+    def floats(key: str) -> tuple[float, float, float]:
+        a, b, c = (float(x) for x in p[key].split(","))
+        return (a, b, c)
+
+    return PreprocessConfig(
+        resize_short=int(p["resize_short"]), crop_size=int(p["crop_size"]), scale=float(p["scale"]),
+        mean=floats("mean"), std=floats("std"), channel_order=p["channel_order"], layout=p["layout"],
+        interpolation=p["interpolation"],
+    )  # fmt: skip
+
+
+def write_model(
+    variant: Variant,
+    target: Target,
+    out: Path,
+    *,
+    onnx: Path | None = None,
+    threads: int = 2,
+    instance_kind: str | None = None,
+) -> Path:
+    """Write one model directory (config, labels, and its version directory) under ``out``."""
+    model_dir = out / variant.name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    cfg = model_config(variant, target, threads=threads, instance_kind=instance_kind)
+    atomic.write_text(model_dir / "config.pbtxt", config_text(cfg))
+    labels = imagenet_labels()
+    atomic.write_text(model_dir / LABELS_FILE, "".join(f"{labels[i]}\n" for i in range(len(labels))))
+
+    version = model_dir / VERSION
+    if target is Target.CPU:
+        source = resources.files("hrnet_build").joinpath("triton_python_model.py").read_text("utf-8")
+        atomic.write_text(version / PYTHON_MODEL_FILE, source)
+    if target is not Target.GPU and onnx is not None:
+        if not onnx.is_file():
+            raise HrnetTritonError(f"{onnx}: no such ONNX model; create it with `hrnet-triton export {variant.name}`")
+        with atomic.atomic_path(version / ONNX_FILE, ".onnx") as tmp:
+            shutil.copyfile(onnx, tmp)
+    return model_dir
+
+
+def write_repository(
+    target: Target,
+    variants: Sequence[Variant],
+    out: str | os.PathLike[str],
+    *,
+    onnx_dir: Path | None = None,
+    threads: int = 2,
+    instance_kind: str | None = None,
+) -> list[Path]:
+    """Write a repository for ``variants``; ONNX models are taken from ``onnx_dir/<name>.onnx``."""
+    out = Path(out)
+    written = []
+    for v in variants:
+        onnx = onnx_dir / f"{v.name}.onnx" if onnx_dir is not None else None
+        written.append(write_model(v, target, out, onnx=onnx, threads=threads, instance_kind=instance_kind))
+        log.info("wrote %s (%s target)", written[-1], target.value)
+    return written

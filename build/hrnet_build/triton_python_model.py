@@ -1,0 +1,58 @@
+"""Triton ``python``-backend model: an exported HRNet run by ONNX Runtime (the ``cpu`` target).
+
+`hrnet-triton repo --target cpu` copies this file to ``<model>/1/model.py`` beside
+``model.onnx``. It runs inside Triton's Python backend stub, in the environment whose ``bin/``
+is first on ``PATH`` when the server starts, so it imports nothing from this project.
+
+Every dynamic batch Triton forms is run as one ONNX Runtime call; the outputs are split back
+per request.
+"""
+
+import json
+import os
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+INPUT = "x"
+OUTPUT = "probabilities"
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        if int(np.__version__.split(".")[0]) >= 2:
+            # Measured: the stub shipped with tritonserver 2.51 (nvidia-pytriton 0.7.0) returns
+            # empty output tensors under numpy 2 (see docs/repository.md).
+            raise pb_utils.TritonModelException(
+                f"numpy {np.__version__} is installed in the serving environment; Triton's python backend "
+                "stub of this release returns empty outputs with numpy 2. Start the server from an "
+                "environment with numpy<2 (`make serve-env` creates .venv-serve)."
+            )
+        import onnxruntime as ort
+
+        config = json.loads(args["model_config"])
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
+        if not os.path.isfile(path):
+            raise pb_utils.TritonModelException(
+                f"{path} is missing; write the repository with `hrnet-triton repo --target cpu --onnx-dir DIR`"
+            )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(params.get("onnx_intra_op_threads", "0") or 0)
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+    def execute(self, requests):
+        arrays = [pb_utils.get_input_tensor_by_name(r, INPUT).as_numpy() for r in requests]
+        batch = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+        try:
+            probs = self.session.run([OUTPUT], {INPUT: batch})[0]
+        except Exception as err:  # report to every caller instead of failing the model
+            error = pb_utils.TritonError(f"ONNX Runtime failed on a batch of {len(batch)}: {err}")
+            return [pb_utils.InferenceResponse(error=error) for _ in requests]
+        responses, start = [], 0
+        for a in arrays:
+            n = a.shape[0]
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(OUTPUT, np.ascontiguousarray(probs[start : start + n]))]))
+            start += n
+        return responses

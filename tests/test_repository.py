@@ -1,0 +1,153 @@
+"""The Triton model repository: configs parsed with Triton's protobuf, and a real server."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as pb
+
+from hrnet_build import repository
+from hrnet_build.repository import TARGETS, Target, parse_config, preprocess_from_config, write_repository
+from hrnet_triton import release, variants
+from hrnet_triton.cli import main
+from hrnet_triton.contract import DEFAULT_PREPROCESS
+from hrnet_triton.errors import HrnetTritonError
+from hrnet_triton.server import LocalTritonServer, Ports, ServerError, TritonInstall, default_serve_env
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: pb.TYPE_FP32}
+
+
+def _onnx_io(path: Path):
+    m = onnx.load(str(path), load_external_data=False)
+    (i,), (o,) = m.graph.input, m.graph.output
+    dims = lambda vi: [d.dim_value if d.HasField("dim_value") else -1 for d in vi.type.tensor_type.shape.dim]  # noqa: E731
+    return (i.name, ONNX_TO_TRITON[i.type.tensor_type.elem_type], dims(i)), (o.name, ONNX_TO_TRITON[o.type.tensor_type.elem_type], dims(o))
+
+
+@pytest.mark.parametrize("target", list(Target), ids=lambda t: t.value)
+def test_every_config_parses_with_triton_protobuf_and_agrees_with_the_onnx_model(target, tmp_path, w18_offline):
+    (in_name, in_type, in_dims), (out_name, out_type, out_dims) = _onnx_io(w18_offline.onnx)
+    write_repository(target, variants.VARIANTS, tmp_path)
+    for v in variants.VARIANTS:
+        cfg = text_format.Parse((tmp_path / v.name / "config.pbtxt").read_text(), pb.ModelConfig())
+        assert cfg.name == v.name
+        (inp,), (out,) = cfg.input, cfg.output
+        # Triton's dims leave out the batch dimension that max_batch_size stands for.
+        assert (inp.name, inp.data_type, [-1, *inp.dims]) == (in_name, in_type, in_dims)
+        assert (out.name, out.data_type, [-1, *out.dims]) == (out_name, out_type, out_dims)
+        assert out.label_filename == "labels.txt"
+        assert cfg.max_batch_size == TARGETS[target].max_batch_size
+        assert list(cfg.dynamic_batching.preferred_batch_size) == list(TARGETS[target].preferred_batch_sizes)
+        policy = cfg.dynamic_batching.default_queue_policy
+        assert policy.timeout_action == pb.ModelQueuePolicy.REJECT and policy.max_queue_size > 0
+        assert cfg.version_policy.WhichOneof("policy_choice") == "latest"
+        assert preprocess_from_config(cfg) == DEFAULT_PREPROCESS
+        labels = (tmp_path / v.name / "labels.txt").read_text().splitlines()
+        assert len(labels) == 1000 and labels[0] == "tench, Tinca tinca"
+
+
+def test_gpu_config_is_a_tensorrt_plan_on_gpu_with_cuda_graphs_and_warmup(tmp_path):
+    cfg = repository.model_config(variants.get("HRNet_W64_C"), Target.GPU)
+    assert cfg.platform == "tensorrt_plan" and cfg.default_model_filename == "model.plan"
+    assert [g.kind for g in cfg.instance_group] == [pb.ModelInstanceGroup.KIND_GPU]
+    assert cfg.optimization.cuda.graphs
+    assert [s.batch_size for s in cfg.optimization.cuda.graph_spec] == [1, 8, 16, 32]
+    assert sorted(w.batch_size for w in cfg.model_warmup) == [1, cfg.max_batch_size]
+    assert cfg.model_warmup[0].inputs["x"].random_data
+
+
+def test_cpu_config_runs_python_backend_with_the_threads_asked_for():
+    cfg = repository.model_config(variants.get("HRNet_W18_C"), Target.CPU, threads=3)
+    assert cfg.backend == "python" and cfg.parameters["onnx_intra_op_threads"].string_value == "3"
+
+
+def test_batching_rejects_preferred_sizes_above_the_maximum():
+    with pytest.raises(ValueError, match="must lie in 1..max_batch_size=8"):
+        repository.Batching(8, (4, 16), 100, 8, 1000, 1)
+
+
+def test_cpu_repository_without_the_onnx_file_is_an_error(tmp_path):
+    with pytest.raises(HrnetTritonError, match="no such ONNX model; create it with `hrnet-triton export HRNet_W18_C`"):
+        write_repository(Target.CPU, [variants.get("HRNet_W18_C")], tmp_path / "r", onnx_dir=tmp_path)
+
+
+def test_committed_model_repository_is_what_repo_writes_for_the_gpu_target(tmp_path):
+    assert main(["-q", "repo", "--target", "gpu", "--out", str(tmp_path)]) == 0
+    committed = REPO_ROOT / "model_repository"
+    assert sorted(p.name for p in committed.iterdir() if p.is_dir()) == sorted(variants.names())
+    for name in variants.names():
+        for f in ("config.pbtxt", "labels.txt"):
+            assert (committed / name / f).read_text() == (tmp_path / name / f).read_text(), f"{name}/{f} is stale: rerun `hrnet-triton repo --target gpu --out model_repository`"
+        parse_config((committed / name / "config.pbtxt").read_text())
+
+
+def test_release_pin_names_one_ngc_release_for_server_and_builder():
+    assert release.TRITON_IMAGE.endswith(f":{release.NGC_RELEASE}-py3")
+    assert release.TENSORRT_IMAGE.endswith(f":{release.NGC_RELEASE}-py3")
+    assert release.TENSORRT_VERSION.startswith("10.")
+
+
+# --- a real Triton server ----------------------------------------------------------------------
+
+
+def _free_ports() -> Ports:
+    socks = [socket.socket() for _ in range(3)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = Ports(*(s.getsockname()[1] for s in socks))
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _serve_env() -> Path:
+    env = default_serve_env()
+    if not (env / "bin" / "python").exists():
+        pytest.skip(f"no serving environment at {env}: run `make serve-env`")
+    try:
+        TritonInstall.find()
+    except ServerError as err:
+        pytest.skip(str(err))
+    return env
+
+
+def test_cpu_target_loads_in_the_pip_installed_tritonserver_and_answers(tmp_path, w18_offline):
+    import tritonclient.http as httpclient
+
+    from hrnet_build.export import onnxruntime_predict
+    from hrnet_client.preprocess import preprocess_files
+    from hrnet_client.samples import sample_images
+
+    env = _serve_env()
+    write_repository(Target.CPU, [variants.get("HRNet_W18_C")], tmp_path / "repo", onnx_dir=w18_offline.onnx.parent)
+    with LocalTritonServer(tmp_path / "repo", serve_env=env, ports=_free_ports(), log_file=tmp_path / "triton.log") as server:
+        client = httpclient.InferenceServerClient(server.http_url.removeprefix("http://"))
+        assert client.is_model_ready("HRNet_W18_C")
+        cfg = client.get_model_config("HRNet_W18_C")
+        assert cfg["max_batch_size"] == TARGETS[Target.CPU].max_batch_size
+        assert cfg["parameters"]["resize_short"]["string_value"] == "256"
+        batch = preprocess_files(sample_images()[:3])
+        inp = httpclient.InferInput("x", list(batch.shape), "FP32")
+        inp.set_data_from_numpy(batch)
+        got = client.infer("HRNet_W18_C", [inp]).as_numpy("probabilities")
+    np.testing.assert_allclose(got, onnxruntime_predict(w18_offline.onnx, batch), atol=1e-5)
+
+
+def test_cpu_target_refuses_to_serve_under_numpy_2(tmp_path, w18_offline):
+    """The stub of this Triton release returns empty outputs under numpy 2; model.py says so."""
+    import sys
+
+    _serve_env()
+    numpy2_env = Path(sys.prefix)  # the test environment itself has numpy 2
+    assert int(np.__version__.split(".")[0]) >= 2
+    write_repository(Target.CPU, [variants.get("HRNet_W18_C")], tmp_path / "repo", onnx_dir=w18_offline.onnx.parent)
+    log = tmp_path / "triton.log"
+    with pytest.raises(ServerError, match="exited with code"):
+        LocalTritonServer(tmp_path / "repo", serve_env=numpy2_env, ports=_free_ports(), log_file=log).start(timeout_s=60)
+    assert "returns empty outputs with numpy 2" in log.read_text(errors="replace")

@@ -1,7 +1,7 @@
 """``hrnet-triton``: one command line for every stage.
 
 Subcommands: ``variants`` (the seed table), ``export`` (weights -> ONNX, parity-gated),
-``repo`` (a Triton model repository), ``classify`` (top-k labels for image files). Each subcommand is a thin layer over a typed
+``engine`` (ONNX -> TensorRT plan), ``repo`` (a Triton model repository), ``classify`` (top-k labels for image files). Each subcommand is a thin layer over a typed
 function of its stage; errors of the project's family are printed as one message, with exit 1.
 """
 
@@ -70,6 +70,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_engine(args: argparse.Namespace) -> int:
+    from hrnet_build.engine import Precision, engine
+
+    m = engine(
+        variants.get(args.variant), args.onnx, args.out, precision=Precision(args.precision),
+        max_batch=args.max_batch, timing_cache=args.timing_cache,
+    )  # fmt: skip
+    print(
+        f"{m.variant}: {m.precision} plan for {m.gpu_name} (cc {m.compute_capability}), TensorRT {m.tensorrt_version}, "
+        f"profile {m.profile.min}/{m.profile.opt}/{m.profile.max} -> {args.out}\n"
+        f"  vs ONNX Runtime: max |Δprob| {m.parity['max_abs_dprob']:.2e}, min top-5 overlap {m.parity['min_top5_overlap']}/5"
+    )
+    return 0
+
+
 def _cmd_repo(args: argparse.Namespace) -> int:
     from hrnet_build.repository import Target, write_repository
 
@@ -78,7 +93,8 @@ def _cmd_repo(args: argparse.Namespace) -> int:
     if target is not Target.GPU and args.onnx_dir is None:
         log.warning("no --onnx-dir: writing configs and labels only; put each model.onnx in <model>/1/ yourself")
     written = write_repository(
-        target, chosen, args.out, onnx_dir=args.onnx_dir, threads=args.threads, instance_kind=args.instance_kind
+        target, chosen, args.out, onnx_dir=args.onnx_dir, plans_dir=args.plans_dir, threads=args.threads,
+        instance_kind=args.instance_kind,
     )
     print(f"wrote {len(written)} {target.value}-target model(s) to {args.out}: {', '.join(p.name for p in written)}")
     return 0
@@ -126,12 +142,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_export)
 
+    p = sub.add_parser("engine", help="ONNX -> TensorRT plan with a batch profile, checked against ONNX Runtime")
+    p.add_argument("variant", help="seed model name, e.g. HRNet_W18_C")
+    p.add_argument("--onnx", type=Path, required=True, help="the exported ONNX model")
+    p.add_argument("--precision", choices=["fp16", "fp32"], default="fp16", help="default: fp16")
+    p.add_argument("--max-batch", type=int, default=32, help="the profile's maximum batch (default: 32)")
+    p.add_argument("--out", type=Path, required=True, help="the plan to write (X.plan; X.plan.json beside it)")
+    p.add_argument("--timing-cache", type=Path, help="persistent timing cache (default: timing.cache beside --out)")
+    p.set_defaults(func=_cmd_engine)
+
     p = sub.add_parser("repo", help="write a Triton model repository (configs, labels, models)")
     p.add_argument("--target", choices=["gpu", "onnx", "cpu"], required=True,
                    help="gpu: TensorRT plans; onnx: Triton's onnxruntime backend; cpu: python backend + ONNX Runtime")
     p.add_argument("--variants", nargs="+", metavar="NAME", help="seed model names (default: all ten)")
     p.add_argument("--onnx-dir", type=Path, help="directory of exported <NAME>.onnx files (onnx and cpu targets)")
     p.add_argument("--out", type=Path, required=True, help="the repository directory to write")
+    p.add_argument("--plans-dir", type=Path, help="directory of plans built by `engine` (gpu target; one per GPU arch)")
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads per instance, cpu target (default: 2)")
     p.add_argument("--instance-kind", choices=["cpu", "gpu"], help="override the target's instance kind")
     p.set_defaults(func=_cmd_repo)

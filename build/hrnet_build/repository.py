@@ -96,14 +96,31 @@ def model_config(
     threads: int = 2,
     instance_kind: str | None = None,
     preprocess: PreprocessConfig = DEFAULT_PREPROCESS,
+    max_batch_size: int | None = None,
+    cc_model_filenames: dict[str, str] | None = None,
 ):
-    """The ``ModelConfig`` message for ``variant`` on ``target``."""
+    """The ``ModelConfig`` message for ``variant`` on ``target``.
+
+    For ``gpu``, ``max_batch_size`` is the plans' profile maximum and ``cc_model_filenames``
+    maps compute capabilities ("7.5") to plan files in the version directory.
+    """
     pb = _pb()
     b = TARGETS[target]
+    if max_batch_size is not None and max_batch_size != b.max_batch_size:
+        b = Batching(
+            max_batch_size, tuple(s for s in b.preferred_batch_sizes if s <= max_batch_size) or (max_batch_size,),
+            b.max_queue_delay_us, b.max_queue_size, b.queue_timeout_us, b.instances,
+            tuple(s for s in b.cuda_graph_batch_sizes if s <= max_batch_size),
+        )  # fmt: skip
     cfg = pb.ModelConfig(name=variant.name, max_batch_size=b.max_batch_size)
     if target is Target.GPU:
         cfg.platform = "tensorrt_plan"
-        cfg.default_model_filename = PLAN_FILE
+        if cc_model_filenames:
+            for cc, filename in sorted(cc_model_filenames.items()):
+                cfg.cc_model_filenames[cc] = filename
+            cfg.default_model_filename = cc_model_filenames[max(cc_model_filenames)]
+        else:
+            cfg.default_model_filename = PLAN_FILE
     elif target is Target.ONNX:
         cfg.backend = "onnxruntime"
         cfg.default_model_filename = ONNX_FILE
@@ -190,18 +207,32 @@ def write_model(
     out: Path,
     *,
     onnx: Path | None = None,
+    plans_dir: Path | None = None,
     threads: int = 2,
     instance_kind: str | None = None,
 ) -> Path:
     """Write one model directory (config, labels, and its version directory) under ``out``."""
+    from .engine import collect_plans, installed_plan_name
+
     model_dir = out / variant.name
     model_dir.mkdir(parents=True, exist_ok=True)
-    cfg = model_config(variant, target, threads=threads, instance_kind=instance_kind)
+    plans = collect_plans(plans_dir, variant) if (target is Target.GPU and plans_dir is not None) else {}
+    max_batch = min(m.profile.max for _, m in plans.values()) if plans else None
+    cc_files = {cc: installed_plan_name(cc) for cc in plans}
+    cfg = model_config(
+        variant, target, threads=threads, instance_kind=instance_kind, max_batch_size=max_batch,
+        cc_model_filenames=cc_files or None,
+    )  # fmt: skip
     atomic.write_text(model_dir / "config.pbtxt", config_text(cfg))
     labels = imagenet_labels()
     atomic.write_text(model_dir / LABELS_FILE, "".join(f"{labels[i]}\n" for i in range(len(labels))))
 
     version = model_dir / VERSION
+    for cc, (plan, _) in plans.items():
+        with atomic.atomic_path(version / cc_files[cc], ".plan") as tmp:
+            shutil.copyfile(plan, tmp)
+    if target is Target.GPU and plans_dir is not None and not plans:
+        raise HrnetTritonError(f"{plans_dir}: no plans for {variant.name}; build them with `hrnet-triton engine`")
     if target is Target.CPU:
         source = resources.files("hrnet_build").joinpath("triton_python_model.py").read_text("utf-8")
         atomic.write_text(version / PYTHON_MODEL_FILE, source)
@@ -219,14 +250,16 @@ def write_repository(
     out: str | os.PathLike[str],
     *,
     onnx_dir: Path | None = None,
+    plans_dir: Path | None = None,
     threads: int = 2,
     instance_kind: str | None = None,
 ) -> list[Path]:
-    """Write a repository for ``variants``; ONNX models are taken from ``onnx_dir/<name>.onnx``."""
+    """Write a repository for ``variants``; ONNX models are taken from ``onnx_dir/<name>.onnx``,
+    plans (gpu target) from ``plans_dir`` (any ``*.plan`` with its ``*.plan.json`` manifest)."""
     out = Path(out)
     written = []
     for v in variants:
         onnx = onnx_dir / f"{v.name}.onnx" if onnx_dir is not None else None
-        written.append(write_model(v, target, out, onnx=onnx, threads=threads, instance_kind=instance_kind))
+        written.append(write_model(v, target, out, onnx=onnx, plans_dir=plans_dir, threads=threads, instance_kind=instance_kind))
         log.info("wrote %s (%s target)", written[-1], target.value)
     return written

@@ -1,0 +1,169 @@
+"""The TensorRT engine stage: everything that does not need TensorRT is tested here; the build
+itself is marked `gpu` and skipped where TensorRT or a GPU is missing."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as pb
+
+from hrnet_build import engine
+from hrnet_build.engine import EngineError, PlanManifest, Precision, Profile
+from hrnet_build.repository import Target, write_repository
+from hrnet_triton import release, variants
+from hrnet_triton.cli import main
+
+
+@pytest.mark.parametrize("max_batch,expected", [(1, (1, 1, 1)), (2, (1, 1, 2)), (8, (1, 4, 8)), (32, (1, 16, 32)), (48, (1, 16, 48))])
+def test_profile_for_max_puts_opt_at_the_middle_power_of_two(max_batch, expected):
+    p = Profile.for_max(max_batch)
+    assert (p.min, p.opt, p.max) == expected
+    assert p.shapes()["max"] == (max_batch, 3, 224, 224)
+
+
+def test_profile_opt_is_one_of_the_gpu_targets_preferred_batch_sizes():
+    from hrnet_build.repository import TARGETS
+
+    gpu = TARGETS[Target.GPU]
+    assert Profile.for_max(gpu.max_batch_size).opt in gpu.preferred_batch_sizes
+
+
+@pytest.mark.parametrize("bad", [0, -3, 257])
+def test_profile_rejects_a_max_batch_out_of_range(bad):
+    with pytest.raises(EngineError, match="--max-batch"):
+        Profile.for_max(bad)
+
+
+def test_profile_rejects_disordered_shapes():
+    with pytest.raises(EngineError, match="min <= opt <= max"):
+        Profile(1, 16, 8)
+
+
+def _manifest(**over) -> PlanManifest:
+    base = dict(
+        variant="HRNet_W18_C", plan_file="HRNet_W18_C.sm75.fp16.plan", precision="fp16", profile=Profile(1, 16, 32),
+        tensorrt_version=release.TENSORRT_VERSION, gpu_name="Tesla T4", compute_capability="7.5",
+        onnx_sha256="0" * 64, parity={"max_abs_dprob": 1e-3},
+    )  # fmt: skip
+    return PlanManifest(**{**base, **over})
+
+
+def test_plan_manifest_round_trips_through_json(tmp_path):
+    m = _manifest()
+    path = tmp_path / "x.plan.json"
+    path.write_text(json.dumps(m.to_dict()))
+    assert PlanManifest.read(path) == m
+
+
+def test_plan_from_another_tensorrt_version_is_refused_with_the_reason():
+    with pytest.raises(EngineError, match='TensorRT 10.3.0.26.*"engine plan file is not compatible".*build_plans.sh'):
+        engine.check_plan_manifest(_manifest(tensorrt_version="10.3.0.26"))
+    engine.check_plan_manifest(_manifest())
+
+
+def test_unreadable_plan_manifest_says_to_rebuild(tmp_path):
+    path = tmp_path / "x.plan.json"
+    path.write_text("{not json")
+    with pytest.raises(EngineError, match="rebuild the plan"):
+        PlanManifest.read(path)
+
+
+def test_onnx_without_a_dynamic_batch_is_refused(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["probabilities"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 224, 224])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [1, 3, 224, 224])],
+    )  # fmt: skip
+    path = tmp_path / "fixed.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    with pytest.raises(EngineError, match="batch dimension is fixed at 1"):
+        engine.check_onnx_dynamic_batch(path)
+
+
+def test_exported_onnx_has_the_dynamic_batch_a_profile_needs(w18_offline):
+    engine.check_onnx_dynamic_batch(w18_offline.onnx)
+
+
+def test_fp16_parity_allows_a_swap_below_top1_but_not_a_new_top1():
+    probs = np.full((2, 1000), 0.5 / 995, np.float32)
+    probs[:, :6] = [0.2, 0.12, 0.08, 0.06, 0.04, 0.0399]
+    swapped = probs.copy()
+    swapped[1, [4, 5]] = swapped[1, [5, 4]]  # near-equal 5th and 6th swap, as FP16 rounding can: overlap 4/5
+    report = engine.plan_parity(probs, swapped, ["a", "b"], Precision.FP16)
+    assert report["min_top5_overlap"] == 4 and report["top1_identical"]
+    with pytest.raises(EngineError, match="not written"):
+        engine.plan_parity(probs, swapped, ["a", "b"], Precision.FP32)
+    new_top1 = probs.copy()
+    new_top1[0, [0, 1]] = new_top1[0, [1, 0]]
+    with pytest.raises(EngineError, match="mismatch on \\['a'\\]"):
+        engine.plan_parity(probs, new_top1, ["a", "b"], Precision.FP16)
+
+
+def test_gpu_repository_installs_one_plan_per_architecture(tmp_path):
+    plans = tmp_path / "plans"
+    plans.mkdir()
+    for cc, mx in (("7.5", 32), ("8.6", 16)):
+        name = f"HRNet_W18_C.sm{cc.replace('.', '')}.fp16.plan"
+        (plans / name).write_bytes(b"plan for " + cc.encode())
+        (plans / f"{name}.json").write_text(json.dumps(_manifest(plan_file=name, compute_capability=cc, profile=Profile.for_max(mx)).to_dict()))
+    write_repository(Target.GPU, [variants.get("HRNet_W18_C")], tmp_path / "repo", plans_dir=plans)
+    model = tmp_path / "repo" / "HRNet_W18_C"
+    cfg = text_format.Parse((model / "config.pbtxt").read_text(), pb.ModelConfig())
+    assert dict(cfg.cc_model_filenames) == {"7.5": "model_cc75.plan", "8.6": "model_cc86.plan"}
+    assert cfg.max_batch_size == 16  # the smallest profile maximum: every plan must accept every batch
+    assert max(cfg.dynamic_batching.preferred_batch_size) <= 16
+    assert all(s.batch_size <= 16 for s in cfg.optimization.cuda.graph_spec)
+    assert (model / "1" / "model_cc86.plan").read_bytes() == b"plan for 8.6"
+
+
+def test_gpu_repository_refuses_a_plan_of_another_tensorrt_version(tmp_path):
+    plans = tmp_path / "plans"
+    plans.mkdir()
+    (plans / "a.plan").write_bytes(b"x")
+    (plans / "a.plan.json").write_text(json.dumps(_manifest(plan_file="a.plan", tensorrt_version="8.6.1").to_dict()))
+    with pytest.raises(EngineError, match="engine plan file is not compatible"):
+        write_repository(Target.GPU, [variants.get("HRNet_W18_C")], tmp_path / "repo", plans_dir=plans)
+
+
+def test_cli_engine_without_tensorrt_names_the_container_command(w18_offline, tmp_path, capsys):
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("tensorrt is installed here")
+    code = main(["engine", "HRNet_W18_C", "--onnx", str(w18_offline.onnx), "--out", str(tmp_path / "m.plan")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert release.TENSORRT_IMAGE in err and "build/build_plans.sh" in err
+    assert not (tmp_path / "m.plan").exists()
+
+
+def test_cli_engine_reports_a_missing_onnx(tmp_path, capsys):
+    assert main(["engine", "HRNet_W18_C", "--onnx", str(tmp_path / "none.onnx"), "--out", str(tmp_path / "m.plan")]) == 1
+    assert "no such ONNX model" in capsys.readouterr().err
+
+
+def _has_tensorrt_and_gpu() -> str | None:
+    if importlib.util.find_spec("tensorrt") is None:
+        return "the tensorrt module is not installed (no registry here serves the TensorRT builder; see DESIGN.md)"
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return "no NVIDIA driver/GPU on this machine"
+    return None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_has_tensorrt_and_gpu() is not None, reason=str(_has_tensorrt_and_gpu()))
+@pytest.mark.parametrize("precision", list(Precision), ids=lambda p: p.value)
+def test_engine_builds_a_plan_that_matches_onnxruntime(w18_offline, tmp_path, precision):
+    m = engine.engine(variants.get("HRNet_W18_C"), w18_offline.onnx, tmp_path / "m.plan", precision=precision, max_batch=8)
+    assert (tmp_path / "m.plan").stat().st_size > 0
+    assert m.parity["top1_identical"] and m.parity["min_top5_overlap"] >= engine.PARITY[precision].min_top5_overlap
+    assert m.profile == Profile(1, 4, 8)

@@ -94,7 +94,7 @@ def _cmd_repo(args: argparse.Namespace) -> int:
         log.warning("no --onnx-dir: writing configs and labels only; put each model.onnx in <model>/1/ yourself")
     written = write_repository(
         target, chosen, args.out, onnx_dir=args.onnx_dir, plans_dir=args.plans_dir, threads=args.threads,
-        instance_kind=args.instance_kind,
+        instance_kind=args.instance_kind, max_batch=args.max_batch,
     )
     print(f"wrote {len(written)} {target.value}-target model(s) to {args.out}: {', '.join(p.name for p in written)}")
     return 0
@@ -160,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plans-dir", type=Path, help="directory of plans built by `engine` (gpu target; one per GPU arch)")
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads per instance, cpu target (default: 2)")
     p.add_argument("--instance-kind", choices=["cpu", "gpu"], help="override the target's instance kind")
+    p.add_argument("--max-batch", type=int, help="max_batch_size (default: the target's; gpu: the plans' profile max)")
     p.set_defaults(func=_cmd_repo)
 
     p = sub.add_parser("classify", help="top-k ImageNet labels for image files")

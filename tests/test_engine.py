@@ -167,3 +167,16 @@ def test_engine_builds_a_plan_that_matches_onnxruntime(w18_offline, tmp_path, pr
     assert (tmp_path / "m.plan").stat().st_size > 0
     assert m.parity["top1_identical"] and m.parity["min_top5_overlap"] >= engine.PARITY[precision].min_top5_overlap
     assert m.profile == Profile(1, 4, 8)
+
+
+def test_repo_max_batch_above_the_plans_profile_is_an_error(tmp_path, capsys):
+    plans = tmp_path / "plans"
+    plans.mkdir()
+    (plans / "a.plan").write_bytes(b"x")
+    (plans / "a.plan.json").write_text(json.dumps(_manifest(plan_file="a.plan", profile=Profile.for_max(16)).to_dict()))
+    args = ["repo", "--target", "gpu", "--variants", "HRNet_W18_C", "--plans-dir", str(plans), "--out", str(tmp_path / "r")]
+    assert main([*args, "--max-batch", "32"]) == 1
+    assert "--max-batch 32 is above the optimisation profile of the HRNet_W18_C plans (max 16)" in capsys.readouterr().err
+    assert main([*args, "--max-batch", "8"]) == 0
+    cfg = text_format.Parse((tmp_path / "r" / "HRNet_W18_C" / "config.pbtxt").read_text(), pb.ModelConfig())
+    assert cfg.max_batch_size == 8

@@ -73,8 +73,9 @@ TARGETS: dict[Target, Batching] = {
     Target.GPU: Batching(32, (8, 16, 32), 1000, 256, 2_000_000, 2, cuda_graph_batch_sizes=(1, 8, 16, 32)),
     # ONNX Runtime on CPU gains little from big batches; 8 keeps latency bounded.
     Target.ONNX: Batching(16, (4, 8), 2000, 64, 5_000_000, 1),
-    # The embedded default on a 2-core machine: ~30 ms per image at batch 1 (docs/export.md),
-    # batches of 4-8 amortise the Python backend's per-request overhead.
+    # The embedded default on a 2-core machine: ONNX Runtime runs HRNet_W18_C at ~30 ms per
+    # image at batch 1 (DESIGN.md, measured); batches of 4-8 amortise the Python backend's
+    # per-request overhead, and a 2 ms window is small against 30 ms of compute.
     Target.CPU: Batching(8, (4, 8), 2000, 32, 5_000_000, 1),
 }
 
@@ -210,14 +211,26 @@ def write_model(
     plans_dir: Path | None = None,
     threads: int = 2,
     instance_kind: str | None = None,
+    max_batch: int | None = None,
 ) -> Path:
-    """Write one model directory (config, labels, and its version directory) under ``out``."""
+    """Write one model directory (config, labels, and its version directory) under ``out``.
+
+    ``max_batch`` overrides the target's default; for plans it may not exceed their profile.
+    """
     from .engine import collect_plans, installed_plan_name
 
     model_dir = out / variant.name
     model_dir.mkdir(parents=True, exist_ok=True)
     plans = collect_plans(plans_dir, variant) if (target is Target.GPU and plans_dir is not None) else {}
-    max_batch = min(m.profile.max for _, m in plans.values()) if plans else None
+    if plans:
+        profile_max = min(m.profile.max for _, m in plans.values())
+        if max_batch is not None and max_batch > profile_max:
+            raise HrnetTritonError(
+                f"--max-batch {max_batch} is above the optimisation profile of the {variant.name} plans (max "
+                f"{profile_max}); Triton would send batches the plans cannot run. Use --max-batch <= {profile_max}, "
+                "or rebuild the plans with `hrnet-triton engine --max-batch N`"
+            )
+        max_batch = max_batch or profile_max
     cc_files = {cc: installed_plan_name(cc) for cc in plans}
     cfg = model_config(
         variant, target, threads=threads, instance_kind=instance_kind, max_batch_size=max_batch,
@@ -253,6 +266,7 @@ def write_repository(
     plans_dir: Path | None = None,
     threads: int = 2,
     instance_kind: str | None = None,
+    max_batch: int | None = None,
 ) -> list[Path]:
     """Write a repository for ``variants``; ONNX models are taken from ``onnx_dir/<name>.onnx``,
     plans (gpu target) from ``plans_dir`` (any ``*.plan`` with its ``*.plan.json`` manifest)."""
@@ -260,6 +274,6 @@ def write_repository(
     written = []
     for v in variants:
         onnx = onnx_dir / f"{v.name}.onnx" if onnx_dir is not None else None
-        written.append(write_model(v, target, out, onnx=onnx, plans_dir=plans_dir, threads=threads, instance_kind=instance_kind))
+        written.append(write_model(v, target, out, onnx=onnx, plans_dir=plans_dir, threads=threads, instance_kind=instance_kind, max_batch=max_batch))
         log.info("wrote %s (%s target)", written[-1], target.value)
     return written

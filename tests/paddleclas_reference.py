@@ -8,6 +8,7 @@ point at the wheel's real folders; every file that runs is PaddleClas's own, unm
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import sys
@@ -26,7 +27,9 @@ PACKAGES = (
 )
 
 
+@functools.lru_cache(maxsize=1)
 def paddleclas_root() -> Path:
+    """The wheel's folder, found once (before any bare package module is registered)."""
     spec = importlib.util.find_spec("paddleclas")
     if spec is None or spec.origin is None:
         pytest.skip("the paddleclas wheel (test-only reference) is not installed: pip install --no-deps paddleclas==2.6.0")
@@ -43,6 +46,32 @@ def load_hrnet_module():
             sys.modules[name] = pkg
     importlib.import_module("ppcls.utils.logger").init_logger()
     return importlib.import_module("ppcls.arch.backbone.legendary_models.hrnet")
+
+
+def load_deploy_preprocess():
+    """PaddleClas's ``deploy/python/preprocess.py`` and its ``deploy/configs/inference_cls.yaml`` ops."""
+    import yaml
+
+    root = paddleclas_root()
+    for name in ("paddleclas", "paddleclas.deploy", "paddleclas.deploy.python"):
+        if name not in sys.modules or not hasattr(sys.modules[name], "__path__"):
+            pkg = types.ModuleType(name)
+            pkg.__path__ = [str(root.joinpath(*name.split(".")[1:]))]
+            sys.modules[name] = pkg
+    module = importlib.import_module("paddleclas.deploy.python.preprocess")
+    config = yaml.safe_load((root / "deploy" / "configs" / "inference_cls.yaml").read_text())
+    return module.create_operators(config["PreProcess"]["transform_ops"])
+
+
+def paddleclas_deploy_tensor(path) -> "np.ndarray":
+    """The tensor PaddleClas's deploy predictor feeds its model for one image file (CHW float32):
+    ``cv2.imread`` then BGR -> RGB, as ``predict_cls.py`` does, then the config's operators."""
+    import cv2
+
+    img = cv2.imread(str(path))[:, :, ::-1]
+    for op in load_deploy_preprocess():
+        img = op(img)
+    return img
 
 
 def build_reference(width: int, has_se: bool):

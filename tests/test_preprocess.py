@@ -58,12 +58,21 @@ def test_bad_files_raise_image_error_naming_the_file(tmp_path, content, message)
         read_image(path)
 
 
-def test_truncated_jpeg_is_rejected(tmp_path):
-    ok, jpg = cv2.imencode(".jpg", np.full((64, 64, 3), 128, np.uint8))
+@pytest.mark.parametrize("keep", [0.5, 0.9, -2])
+def test_truncated_jpeg_is_rejected(tmp_path, keep):
+    data = next(p for p in sample_images() if p.name == "rocket.jpg").read_bytes()
+    cut = data[:keep] if keep < 0 else data[: int(len(data) * keep)]
     path = tmp_path / "cut.jpg"
-    path.write_bytes(jpg.tobytes()[:100])
-    with pytest.raises(ImageError, match="cut.jpg"):
+    path.write_bytes(cut)
+    with pytest.raises(ImageError, match="cut.jpg: truncated JPEG"):
         read_image(path)
+
+
+def test_jpeg_with_data_after_its_end_marker_is_accepted(tmp_path):
+    original = next(p for p in sample_images() if p.name == "rocket.jpg")
+    path = tmp_path / "trailer.jpg"
+    path.write_bytes(original.read_bytes() + b"appended by a camera")
+    assert np.array_equal(read_image(path), read_image(original))
 
 
 def test_missing_file_is_an_image_error(tmp_path):
@@ -88,3 +97,13 @@ def test_imagenet_labels_are_the_thousand_paddleclas_classes():
 def test_label_list_with_a_gap_is_rejected():
     with pytest.raises(ValueError, match="line 2: expected '1 <name>'"):
         Labels.parse("0 cat\n2 dog\n")
+
+
+def test_preprocess_equals_paddleclas_deploy_pipeline_on_every_sample_photograph():
+    from paddleclas_reference import paddleclas_deploy_tensor
+
+    for path in sample_images():
+        ours = preprocess(read_image(path))
+        ref = paddleclas_deploy_tensor(path)
+        assert ref.shape == ours.shape == (3, 224, 224)
+        np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0, err_msg=path.name)

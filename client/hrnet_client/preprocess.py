@@ -28,6 +28,11 @@ def decode(data: bytes, name: str = "<bytes>") -> np.ndarray:
     """Decode encoded image bytes to an 8-bit RGB HWC array, as PaddleClas reads files."""
     if not data:
         raise ImageError(f"{name}: the file is empty; pass a JPEG, PNG, BMP, TIFF or WebP image")
+    if data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") < data.find(b"\xff\xda"):
+        # A complete JPEG has its end-of-image marker after the first start-of-scan (0xFFD9 cannot
+        # occur inside entropy-coded data). Some OpenCV builds decode a cut file into a partly
+        # grey image without complaint; this makes truncation an error whatever OpenCV is used.
+        raise ImageError(f"{name}: truncated JPEG (no end-of-image marker); the file is incomplete")
     bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if bgr is None:
         raise ImageError(f"{name}: not a decodable image (corrupt, truncated or not an image file)")

@@ -13,13 +13,14 @@ from pathlib import Path
 from hrnet_triton.errors import HrnetTritonError
 
 # Natural photographs (not synthetic patterns or microscopy): colour, and one grayscale.
+# Sizes are width x height.
 SAMPLE_FILES = (
     "astronaut.png",  # 512x512 RGB, portrait
     "chelsea.png",  # 451x300 RGB, a tabby cat
     "coffee.png",  # 600x400 RGB, a cup of coffee
-    "rocket.jpg",  # 427x640 RGB JPEG, a launch
-    "motorcycle_left.png",  # 741x497 RGB, a motorcycle
-    "hubble_deep_field.jpg",  # 872x1000 RGB JPEG
+    "rocket.jpg",  # 640x427 RGB JPEG, a launch
+    "motorcycle_left.png",  # 741x500 RGB, a motorcycle
+    "hubble_deep_field.jpg",  # 1000x872 RGB JPEG
     "camera.png",  # 512x512 grayscale, a cameraman
 )
 

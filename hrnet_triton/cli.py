@@ -107,7 +107,16 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     images = [*args.images, *(sample_images() if args.samples else [])]
     if not images:
         raise HrnetTritonError("no images given: name image files, or pass --samples for the bundled photographs")
-    classifier = OnnxRuntimeClassifier(args.onnx)
+    if (args.onnx is None) == (args.url is None):
+        raise HrnetTritonError("give either --url (a Triton server) with --model, or --onnx (in-process)")
+    if args.onnx is not None:
+        classifier = OnnxRuntimeClassifier(args.onnx)
+    else:
+        from hrnet_client.triton import TritonClassifier
+
+        if not args.model:
+            raise HrnetTritonError("--url needs --model, one of the seed names (`hrnet-triton variants`)")
+        classifier = TritonClassifier(args.url, args.model, args.protocol)
     preds = classifier.classify_files(images, k=args.top_k, batch_size=args.batch_size)
     print(format_predictions(preds, as_json=args.json))
     failed = [p for p in preds if p.error]
@@ -166,7 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("classify", help="top-k ImageNet labels for image files")
     p.add_argument("images", nargs="*", type=Path, help="image files (JPEG, PNG, BMP, TIFF, WebP)")
     p.add_argument("--samples", action="store_true", help="also classify the bundled sample photographs")
-    p.add_argument("--onnx", type=Path, required=True, help="classify in-process with this exported ONNX model")
+    p.add_argument("--url", help="a Triton server, e.g. localhost:8000 (HTTP) or localhost:8001 (gRPC)")
+    p.add_argument("--model", help="the model's name on the server, e.g. HRNet_W18_C")
+    p.add_argument("--protocol", choices=["http", "grpc"], default="http", help="with --url (default: http)")
+    p.add_argument("--onnx", type=Path, help="classify in-process with this exported ONNX model instead")
     p.add_argument("--top-k", type=int, default=5, help="how many classes per image (default: 5)")
     p.add_argument("--batch-size", type=int, default=8, help="images per inference call (default: 8)")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -50,6 +50,37 @@ class PreprocessConfig:
             raise ValueError(f"only cv2 INTER_LINEAR resizing is supported, got {self.interpolation!r}")
 
 
+    def to_parameters(self) -> dict[str, str]:
+        """The contract as Triton config ``parameters`` (string values)."""
+        return {
+            "resize_short": str(self.resize_short),
+            "crop_size": str(self.crop_size),
+            "scale": repr(self.scale),
+            "mean": ",".join(repr(m) for m in self.mean),
+            "std": ",".join(repr(s) for s in self.std),
+            "channel_order": self.channel_order,
+            "layout": self.layout,
+            "interpolation": self.interpolation,
+        }
+
+    @classmethod
+    def from_parameters(cls, params: dict[str, str]) -> PreprocessConfig:
+        """Read the contract back from a model config's ``parameters``."""
+        missing = [k for k in cls().to_parameters() if k not in params]
+        if missing:
+            raise ValueError(f"the model config lacks preprocessing parameters {missing}")
+
+        def triple(key: str) -> tuple[float, float, float]:
+            a, b, c = (float(x) for x in params[key].split(","))
+            return (a, b, c)
+
+        return cls(
+            resize_short=int(params["resize_short"]), crop_size=int(params["crop_size"]), scale=float(params["scale"]),
+            mean=triple("mean"), std=triple("std"), channel_order=params["channel_order"], layout=params["layout"],
+            interpolation=params["interpolation"],
+        )  # fmt: skip
+
+
 DEFAULT_PREPROCESS = PreprocessConfig()
 
 

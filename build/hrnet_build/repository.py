@@ -156,17 +156,7 @@ def model_config(
         warm.inputs[INPUT_NAME].dims.extend([CHANNELS, CROP_SIZE, CROP_SIZE])
         warm.inputs[INPUT_NAME].random_data = True
 
-    params = {
-        "variant": variant.name,
-        "resize_short": str(preprocess.resize_short),
-        "crop_size": str(preprocess.crop_size),
-        "scale": repr(preprocess.scale),
-        "mean": ",".join(repr(m) for m in preprocess.mean),
-        "std": ",".join(repr(s) for s in preprocess.std),
-        "channel_order": preprocess.channel_order,
-        "layout": preprocess.layout,
-        "interpolation": preprocess.interpolation,
-    }
+    params = {"variant": variant.name, **preprocess.to_parameters()}
     if target is Target.CPU:
         params["onnx_intra_op_threads"] = str(threads)
     for key, value in params.items():
@@ -189,17 +179,7 @@ def parse_config(text: str):
 
 def preprocess_from_config(cfg) -> PreprocessConfig:
     """Read the preprocessing contract back from a config's ``parameters``."""
-    p = {k: v.string_value for k, v in cfg.parameters.items()}
-
-    def floats(key: str) -> tuple[float, float, float]:
-        a, b, c = (float(x) for x in p[key].split(","))
-        return (a, b, c)
-
-    return PreprocessConfig(
-        resize_short=int(p["resize_short"]), crop_size=int(p["crop_size"]), scale=float(p["scale"]),
-        mean=floats("mean"), std=floats("std"), channel_order=p["channel_order"], layout=p["layout"],
-        interpolation=p["interpolation"],
-    )  # fmt: skip
+    return PreprocessConfig.from_parameters({k: v.string_value for k, v in cfg.parameters.items()})
 
 
 def write_model(

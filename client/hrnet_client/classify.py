@@ -54,30 +54,19 @@ def predictions(names: Sequence[str], probs: np.ndarray, labels: Labels, k: int)
     ]
 
 
-class OnnxRuntimeClassifier:
-    """Classify image files in-process with an exported model."""
+class Classifier:
+    """Top-k classification of image files; subclasses say how probabilities are computed."""
 
-    def __init__(self, onnx_path: str | os.PathLike[str], cfg: PreprocessConfig = DEFAULT_PREPROCESS, threads: int = 0):
-        import onnxruntime as ort
+    cfg: PreprocessConfig = DEFAULT_PREPROCESS
+    max_batch: int = 8
+    labels: Labels
 
-        path = Path(onnx_path)
-        if not path.is_file():
-            raise HrnetTritonError(f"{path}: no such ONNX model; create it with `hrnet-triton export`")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.cfg = cfg
-        self.labels = imagenet_labels()
-        meta = self.session.get_modelmeta().custom_metadata_map
-        self.labels_meaningful = meta.get("labels_meaningful", "true") == "true"
-        if not self.labels_meaningful:
-            log.warning("%s was exported with OFFLINE weights: its labels are meaningless", path.name)
-
-    def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
 
     def classify_files(self, paths: Sequence[str | os.PathLike[str]], k: int = 5, batch_size: int = 8) -> list[Prediction]:
         """Classify every file; a file that cannot be read gets an error entry, the others still run."""
+        batch_size = max(1, min(batch_size, self.max_batch))
         results: dict[int, Prediction] = {}
         good: list[tuple[int, np.ndarray]] = []
         for i, p in enumerate(paths):
@@ -91,6 +80,30 @@ class OnnxRuntimeClassifier:
             for (i, _), pred in zip(chunk, predictions([str(paths[i]) for i, _ in chunk], probs, self.labels, k)):
                 results[i] = pred
         return [results[i] for i in range(len(paths))]
+
+
+class OnnxRuntimeClassifier(Classifier):
+    """Classify image files in-process with an exported model."""
+
+    def __init__(self, onnx_path: str | os.PathLike[str], cfg: PreprocessConfig = DEFAULT_PREPROCESS, threads: int = 0):
+        import onnxruntime as ort
+
+        path = Path(onnx_path)
+        if not path.is_file():
+            raise HrnetTritonError(f"{path}: no such ONNX model; create it with `hrnet-triton export`")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.cfg = cfg
+        self.max_batch = 64
+        self.labels = imagenet_labels()
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.labels_meaningful = meta.get("labels_meaningful", "true") == "true"
+        if not self.labels_meaningful:
+            log.warning("%s was exported with OFFLINE weights: its labels are meaningless", path.name)
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
 
 
 def format_predictions(preds: Sequence[Prediction], as_json: bool = False) -> str:

@@ -1,0 +1,77 @@
+"""The client against a real Triton server (the cpu target on the wheel's tritonserver)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hrnet_build.export import onnxruntime_predict
+from hrnet_build.repository import Target, write_repository
+from hrnet_client.preprocess import preprocess_files
+from hrnet_client.samples import sample_images
+from hrnet_client.triton import Protocol, ServerUnavailableError, TritonClassifier, UnknownModelError, host_port
+from hrnet_triton import variants
+from hrnet_triton.cli import main
+from hrnet_triton.server import LocalTritonServer
+from test_repository import _free_ports, _serve_env
+
+
+@pytest.fixture(scope="module")
+def server(w18_offline, tmp_path_factory):
+    env = _serve_env()
+    root = tmp_path_factory.mktemp("served")
+    write_repository(Target.CPU, [variants.get("HRNet_W18_C")], root / "repo", onnx_dir=w18_offline.onnx.parent)
+    with LocalTritonServer(root / "repo", serve_env=env, ports=_free_ports(), log_file=root / "triton.log") as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("protocol", list(Protocol), ids=lambda p: p.value)
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_served_probabilities_equal_onnxruntime_in_process(server, w18_offline, protocol, batch_size):
+    port = server.ports.http if protocol is Protocol.HTTP else server.ports.grpc
+    clf = TritonClassifier(f"127.0.0.1:{port}", "HRNet_W18_C", protocol)
+    assert clf.max_batch == 8 and clf.cfg.resize_short == 256  # read from the server's config
+    paths = sample_images()
+    preds = clf.classify_files(paths, k=5, batch_size=batch_size)
+    expected = onnxruntime_predict(w18_offline.onnx, preprocess_files(paths))
+    got = clf.probabilities(preprocess_files(paths))
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    for pred, row in zip(preds, expected):
+        assert [g.class_id for g in pred.top] == list(np.argsort(-row, kind="stable")[:5])
+
+
+def test_cli_classify_over_http_and_grpc_gives_the_same_answer(server, tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    results = {}
+    for protocol, port in (("http", server.ports.http), ("grpc", server.ports.grpc)):
+        code = main(["classify", str(bad), "--samples", "--url", f"127.0.0.1:{port}", "--model", "HRNet_W18_C",
+                     "--protocol", protocol, "--json", "--top-k", "3"])  # fmt: skip
+        assert code == 2  # the bad file; the others were classified
+        results[protocol] = json.loads(capsys.readouterr().out)
+    assert results["http"][0]["error"] and "bad.png" in results["http"][0]["error"]
+    strip = lambda rows: [[(g["class_id"], round(g["probability"], 5)) for g in r["top"]] for r in rows]  # noqa: E731
+    assert strip(results["http"]) == strip(results["grpc"])
+    assert len(results["http"]) == 1 + len(sample_images())
+
+
+def test_unknown_model_lists_what_the_server_has(server):
+    with pytest.raises(UnknownModelError, match="no model 'HRNet_W99_C'.*it serves: HRNet_W18_C"):
+        TritonClassifier(server.http_url, "HRNet_W99_C")
+
+
+def test_server_that_is_down_is_reported_after_retries():
+    from test_repository import _free_ports as free
+
+    port = free().http  # nothing listens there
+    with pytest.raises(ServerUnavailableError, match=f"no Triton server answers at 127.0.0.1:{port} over http after 2 tries"):
+        TritonClassifier(f"127.0.0.1:{port}", "HRNet_W18_C", retries=1)
+
+
+def test_host_port_accepts_urls_and_fills_default_ports():
+    assert host_port("http://example:9000", Protocol.HTTP) == "example:9000"
+    assert host_port("localhost", Protocol.GRPC) == "localhost:8001"
+    assert host_port("localhost", Protocol.HTTP) == "localhost:8000"

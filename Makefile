@@ -1,5 +1,6 @@
 # The two entry points of the README. Both set up ./.venv on a fresh machine first.
-#   make demo   export HRNet_W18_C (offline weights) and classify the sample photographs
+#   make demo   export HRNet_W18_C (offline weights), serve it on a local Triton server,
+#               classify the sample photographs over HTTP and gRPC (DEMO_ARGS=--keep-serving)
 #   make test   run the test suite
 VENV    ?= .venv
 PYTHON  ?= python3
@@ -7,6 +8,7 @@ BIN     := $(VENV)/bin
 OUT     ?= artifacts
 SERVE_ENV ?= .venv-serve
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: setup serve-env demo test clean
 
@@ -32,9 +34,8 @@ $(SERVE_ENV)/.installed:
 	$(SERVE_ENV)/bin/python -m pip install --quiet "numpy<2" "onnxruntime>=1.18"
 	touch $@
 
-demo: setup
-	$(BIN)/hrnet-triton export HRNet_W18_C --weights offline --out $(OUT)/HRNet_W18_C.onnx
-	$(BIN)/hrnet-triton classify --samples --onnx $(OUT)/HRNet_W18_C.onnx --top-k 3
+demo: setup serve-env
+	$(BIN)/hrnet-triton demo --out $(OUT) $(DEMO_ARGS)
 
 test: setup serve-env
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

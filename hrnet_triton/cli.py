@@ -1,7 +1,8 @@
 """``hrnet-triton``: one command line for every stage.
 
 Subcommands: ``variants`` (the seed table), ``export`` (weights -> ONNX, parity-gated),
-``engine`` (ONNX -> TensorRT plan), ``repo`` (a Triton model repository), ``classify`` (top-k labels for image files). Each subcommand is a thin layer over a typed
+``engine`` (ONNX -> TensorRT plan), ``repo`` (a Triton model repository), ``serve`` (a local
+Triton server), ``classify`` (top-k labels, in-process or through Triton), ``demo`` (the main job). Each subcommand is a thin layer over a typed
 function of its stage; errors of the project's family are printed as one message, with exit 1.
 """
 
@@ -100,6 +101,83 @@ def _cmd_repo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _on_sigterm_interrupt() -> None:
+    """Treat SIGTERM like Ctrl-C, so servers are stopped by the same clean-up path."""
+    import signal
+
+    def raise_interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, raise_interrupt)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from hrnet_triton.server import LocalTritonServer, Ports, default_serve_env
+
+    if args.target == "gpu":
+        from hrnet_triton import release
+
+        raise HrnetTritonError(
+            "--target gpu runs the NGC container, which needs Docker and an NVIDIA GPU; neither is usable here. On a GPU "
+            f"host: docker run --rm --gpus all -p {args.http_port}:8000 -p {args.grpc_port}:8001 -p {args.metrics_port}:8002 "
+            f"-v $PWD/{args.repo}:/models {release.TRITON_IMAGE} tritonserver --model-repository=/models"
+        )
+    _on_sigterm_interrupt()
+    server = LocalTritonServer(
+        args.repo, serve_env=args.serve_env or default_serve_env(),
+        ports=Ports(args.http_port, args.grpc_port, args.metrics_port), forward_log=True,
+    )  # fmt: skip
+    try:
+        server.start()
+        print(
+            f"Triton is serving {args.repo}: HTTP {server.http_url}, gRPC 127.0.0.1:{args.grpc_port}, "
+            f"metrics http://127.0.0.1:{args.metrics_port}/metrics. Ctrl-C stops it.", flush=True,
+        )  # fmt: skip
+        return server.wait()
+    except KeyboardInterrupt:
+        print("stopping Triton", file=sys.stderr)
+        return 0
+    finally:
+        server.stop()
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """The main job: export, repository, server, classify over HTTP and gRPC."""
+    from hrnet_build.export import export_onnx
+    from hrnet_build.repository import Target, write_repository
+    from hrnet_build.weights import WeightsSpec
+    from hrnet_client.classify import format_predictions
+    from hrnet_client.samples import sample_images
+    from hrnet_client.triton import TritonClassifier
+    from hrnet_triton.server import LocalTritonServer, Ports, default_serve_env
+
+    variant = variants.get(args.variant)
+    onnx = args.out / f"{variant.name}.onnx"
+    if not onnx.is_file():
+        export_onnx(variant, WeightsSpec.parse("offline"), onnx, progress=not args.no_progress)
+    repo = args.out / "repository-cpu"
+    write_repository(Target.CPU, [variant], repo, onnx_dir=args.out)
+    _on_sigterm_interrupt()
+    ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
+    server = LocalTritonServer(repo, serve_env=args.serve_env or default_serve_env(), ports=ports, log_file=args.out / "triton.log")
+    try:
+        server.start()
+        print(f"Triton {variant.name} (cpu target) at HTTP {server.http_url}, gRPC 127.0.0.1:{ports.grpc}; log {args.out / 'triton.log'}")
+        for protocol, port in (("http", ports.http), ("grpc", ports.grpc)):
+            preds = TritonClassifier(f"127.0.0.1:{port}", variant.name, protocol).classify_files(sample_images(), k=args.top_k)
+            print(f"\n== over {protocol.upper()} ==\n{format_predictions(preds)}", flush=True)
+        print("\nNOTE: offline weights: these labels are meaningless (export with --weights auto for real ones).")
+        if args.keep_serving:
+            print(f"still serving at {server.http_url}; Ctrl-C stops it", flush=True)
+            server.wait()
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        server.stop()
+        print("Triton stopped", file=sys.stderr)
+
+
 def _cmd_classify(args: argparse.Namespace) -> int:
     from hrnet_client.classify import OnnxRuntimeClassifier, format_predictions
     from hrnet_client.samples import sample_images
@@ -171,6 +249,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instance-kind", choices=["cpu", "gpu"], help="override the target's instance kind")
     p.add_argument("--max-batch", type=int, help="max_batch_size (default: the target's; gpu: the plans' profile max)")
     p.set_defaults(func=_cmd_repo)
+
+    p = sub.add_parser("serve", help="run a real Triton server on a model repository until Ctrl-C/SIGTERM")
+    p.add_argument("--repo", type=Path, required=True, help="the model repository (e.g. from `repo --target cpu`)")
+    p.add_argument("--target", choices=["cpu", "gpu"], default="cpu",
+                   help="cpu: the nvidia-pytriton tritonserver here; gpu: the pinned NGC container (needs Docker + GPU)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--serve-env", type=Path, help="numpy<2 environment for the python backend (default: .venv-serve)")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("demo", help="export, write the cpu repository, serve it, classify the samples over HTTP and gRPC")
+    p.add_argument("--variant", default="HRNet_W18_C")
+    p.add_argument("--out", type=Path, default=Path("artifacts"))
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--serve-env", type=Path, help="numpy<2 environment for the python backend (default: .venv-serve)")
+    p.add_argument("--keep-serving", action="store_true", help="keep the server running after the demo")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("classify", help="top-k ImageNet labels for image files")
     p.add_argument("images", nargs="*", type=Path, help="image files (JPEG, PNG, BMP, TIFF, WebP)")

@@ -81,11 +81,16 @@ class Ports:
 class LocalTritonServer:
     """A ``tritonserver`` child process on a model repository; a context manager."""
 
-    def __init__(self, repository: Path, *, serve_env: Path, ports: Ports = Ports(), log_file: Path | None = None):
+    def __init__(
+        self, repository: Path, *, serve_env: Path, ports: Ports = Ports(), log_file: Path | None = None,
+        forward_log: bool = False,
+    ):  # fmt: skip
+        """``log_file`` receives the server's output; ``forward_log`` passes it to this process's stdout."""
         self.repository = Path(repository)
         self.serve_env = Path(serve_env)
         self.ports = ports
         self.log_file = log_file
+        self.forward_log = forward_log
         self.process: subprocess.Popen | None = None
         self._backends: tempfile.TemporaryDirectory | None = None
 
@@ -115,7 +120,9 @@ class LocalTritonServer:
             f"--http-port={self.ports.http}", f"--grpc-port={self.ports.grpc}", f"--metrics-port={self.ports.metrics}",
             "--allow-cpu-metrics=true", "--exit-on-error=true",
         ]  # fmt: skip
-        out = open(self.log_file, "wb") if self.log_file else subprocess.DEVNULL
+        if not self.repository.is_dir():
+            raise ServerError(f"{self.repository}: no model repository there; write one with `hrnet-triton repo`")
+        out = open(self.log_file, "wb") if self.log_file else (None if self.forward_log else subprocess.DEVNULL)
         self.process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self._wait_ready(timeout_s)
         return self
@@ -138,7 +145,14 @@ class LocalTritonServer:
         raise ServerError(f"tritonserver did not become ready within {timeout_s:.0f} s{self._log_hint()}")
 
     def _log_hint(self) -> str:
-        return f"; see its log in {self.log_file}" if self.log_file else "; run with a log file to see why"
+        if self.log_file:
+            return f"; see its log in {self.log_file}"
+        return "; its log is above" if self.forward_log else "; run with a log file to see why"
+
+    def wait(self) -> int:
+        """Block until the server exits (returns its exit code)."""
+        assert self.process is not None
+        return self.process.wait()
 
     def stop(self, timeout_s: float = 30) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -154,7 +154,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     variant = variants.get(args.variant)
     onnx = args.out / f"{variant.name}.onnx"
     if not onnx.is_file():
-        export_onnx(variant, WeightsSpec.parse("offline"), onnx, progress=not args.no_progress)
+        m = export_onnx(variant, WeightsSpec.parse("offline"), onnx, progress=not args.no_progress)
+        print(
+            f"exported {onnx} (offline weights): parity vs Paddle max |Δprob| {m.parity.max_abs_diff:.2e}, "
+            f"top-5 identical: {m.parity.top5_identical}"
+        )
     repo = args.out / "repository-cpu"
     write_repository(Target.CPU, [variant], repo, onnx_dir=args.out)
     _on_sigterm_interrupt()

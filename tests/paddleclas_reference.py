@@ -63,7 +63,7 @@ def load_deploy_preprocess():
     return module.create_operators(config["PreProcess"]["transform_ops"])
 
 
-def paddleclas_deploy_tensor(path) -> "np.ndarray":
+def paddleclas_deploy_tensor(path):
     """The tensor PaddleClas's deploy predictor feeds its model for one image file (CHW float32):
     ``cv2.imread`` then BGR -> RGB, as ``predict_cls.py`` does, then the config's operators."""
     import cv2

@@ -22,7 +22,6 @@ import datetime as dt
 import enum
 import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

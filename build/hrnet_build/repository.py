@@ -23,7 +23,7 @@ import logging
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -68,8 +68,9 @@ class Batching:
 
 
 TARGETS: dict[Target, Batching] = {
-    # T4/V100: batches of 8-32 fill the GPU; a 1 ms window costs little against ~6-17 ms of
-    # compute (seed table, bs=1..8). Two instances overlap copies with compute.
+    # T4/V100: batch 8 costs 1.4-5.5x batch 1 for 8x the images, and a 1 ms window is small
+    # against 6-40 ms of compute (seed table; docs/repository.md). Two instances overlap
+    # copies with compute.
     Target.GPU: Batching(32, (8, 16, 32), 1000, 256, 2_000_000, 2, cuda_graph_batch_sizes=(1, 8, 16, 32)),
     # ONNX Runtime on CPU gains little from big batches; 8 keeps latency bounded.
     Target.ONNX: Batching(16, (4, 8), 2000, 64, 5_000_000, 1),
@@ -108,11 +109,12 @@ def model_config(
     pb = _pb()
     b = TARGETS[target]
     if max_batch_size is not None and max_batch_size != b.max_batch_size:
-        b = Batching(
-            max_batch_size, tuple(s for s in b.preferred_batch_sizes if s <= max_batch_size) or (max_batch_size,),
-            b.max_queue_delay_us, b.max_queue_size, b.queue_timeout_us, b.instances,
-            tuple(s for s in b.cuda_graph_batch_sizes if s <= max_batch_size),
-        )  # fmt: skip
+        b = replace(
+            b,
+            max_batch_size=max_batch_size,
+            preferred_batch_sizes=tuple(s for s in b.preferred_batch_sizes if s <= max_batch_size) or (max_batch_size,),
+            cuda_graph_batch_sizes=tuple(s for s in b.cuda_graph_batch_sizes if s <= max_batch_size),
+        )
     cfg = pb.ModelConfig(name=variant.name, max_batch_size=b.max_batch_size)
     if target is Target.GPU:
         cfg.platform = "tensorrt_plan"

@@ -4,7 +4,16 @@ import cv2
 import numpy as np
 import pytest
 
-from hrnet_client.preprocess import center_crop, decode, preprocess, read_image, resize_short
+from hrnet_client.preprocess import (
+    MAX_PIXELS,
+    center_crop,
+    decode,
+    load_tensor,
+    load_tensors,
+    preprocess,
+    read_image,
+    resize_short,
+)
 from hrnet_client.samples import sample_images
 from hrnet_triton.contract import DEFAULT_PREPROCESS, Labels, PreprocessConfig, imagenet_labels
 from hrnet_triton.errors import ImageError
@@ -49,7 +58,7 @@ def test_decode_returns_rgb_order():
 
 @pytest.mark.parametrize(
     "content,message",
-    [(b"", "the file is empty"), (b"GIF89a garbage", "not a decodable image"), (b"%PDF-1.4", "not a decodable image")],
+    [(b"", "the file is empty"), (b"hello, not an image", "not a decodable image"), (b"%PDF-1.4", "not a decodable image")],
 )
 def test_bad_files_raise_image_error_naming_the_file(tmp_path, content, message):
     path = tmp_path / "bad.jpg"
@@ -107,3 +116,118 @@ def test_preprocess_equals_paddleclas_deploy_pipeline_on_every_sample_photograph
         ref = paddleclas_deploy_tensor(path)
         assert ref.shape == ours.shape == (3, 224, 224)
         np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0, err_msg=path.name)
+
+
+def test_load_tensor_equals_paddleclas_deploy_pipeline_bit_for_bit_on_every_sample():
+    from paddleclas_reference import paddleclas_deploy_tensor
+
+    for path in sample_images():
+        assert np.array_equal(load_tensor(path), paddleclas_deploy_tensor(path)), path.name
+
+
+# Images that are not plain 8-bit RGB. Each is written here from a sample photograph; the rule
+# is "what cv2.imread does", so PaddleClas's own pipeline (which starts with cv2.imread) is the
+# reference, and a second assertion pins down what that rule means for the case.
+def _photo() -> np.ndarray:
+    return read_image(next(p for p in sample_images() if p.name == "chelsea.png"))  # 451x300 RGB
+
+
+def _write(path, rgb_or_gray: np.ndarray, **params) -> None:
+    arr = rgb_or_gray
+    if arr.ndim == 3:
+        arr = arr[:, :, [2, 1, 0, *range(3, arr.shape[2])]]  # OpenCV writes BGR(A)
+    assert cv2.imwrite(str(path), arr, [int(k) for kv in params.items() for k in kv])
+
+
+def _odd_images(tmp_path):
+    from PIL import Image
+
+    rgb = _photo()
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    cases = {}
+    _write(p := tmp_path / "gray.png", gray)
+    cases["grayscale"] = (p, np.dstack([gray] * 3))
+    _write(p := tmp_path / "rgba.png", np.dstack([rgb, np.arange(rgb.size // 3, dtype=np.uint8).reshape(rgb.shape[:2])]))
+    cases["RGBA (alpha dropped, not composited)"] = (p, rgb)
+    _write(p := tmp_path / "deep.png", rgb.astype(np.uint16) * 257 + 100)
+    cases["16-bit PNG (high byte kept)"] = (p, ((rgb.astype(np.uint16) * 257 + 100) >> 8).astype(np.uint8))
+    Image.fromarray(rgb).convert("CMYK").save(p := tmp_path / "cmyk.jpg", quality=95)
+    cases["CMYK JPEG"] = (p, None)
+    im = Image.fromarray(rgb)
+    exif = im.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    im.save(p := tmp_path / "exif6.jpg", quality=95, exif=exif)
+    cases["EXIF orientation 6"] = (p, None)
+    _write(p := tmp_path / "tiny.png", cv2.resize(rgb, (16, 11), interpolation=cv2.INTER_AREA))
+    cases["16x11, smaller than the crop"] = (p, None)
+    return cases
+
+
+def test_odd_images_follow_cv2_imread_and_so_match_paddleclas(tmp_path):
+    from paddleclas_reference import paddleclas_deploy_tensor
+
+    for case, (path, expected_rgb) in _odd_images(tmp_path).items():
+        rgb = read_image(path)
+        assert rgb.dtype == np.uint8 and rgb.shape[2] == 3, case
+        assert np.array_equal(rgb, cv2.imread(str(path))[:, :, ::-1]), case
+        if expected_rgb is not None:
+            assert np.array_equal(rgb, expected_rgb), case
+        assert np.array_equal(load_tensor(path), paddleclas_deploy_tensor(path)), case
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    path, _ = _odd_images(tmp_path)["EXIF orientation 6"]
+    rgb = read_image(path)
+    assert rgb.shape[:2] == (451, 300)  # stored 451 wide, displayed 300 wide
+    upright = cv2.rotate(cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION), cv2.ROTATE_90_CLOCKWISE)
+    assert np.array_equal(rgb, upright[:, :, ::-1])
+
+
+def test_cmyk_jpeg_keeps_its_colours(tmp_path):
+    path, _ = _odd_images(tmp_path)["CMYK JPEG"]
+    assert np.abs(read_image(path).astype(int) - _photo()).mean() < 3  # JPEG loss only, no inversion
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height, with a few KB of a deflated all-zero image:
+    decoding it for real would need width*height*3 bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 1_000_000, 9)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_refused_from_its_header(tmp_path):
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header_only(100_000, 100_000))
+    with pytest.raises(ImageError, match=r"bomb.png: the header says 100000x100000 = 10,000,000,000 pixels, over the limit of 89,478,485"):
+        load_tensor(bomb)
+
+
+def test_pixel_limit_is_configurable():
+    path = next(p for p in sample_images() if p.name == "camera.png")  # 512x512
+    with pytest.raises(ImageError, match="262,144 pixels, over the limit of 100,000"):
+        read_image(path, max_pixels=100_000)
+    assert load_tensor(path, max_pixels=512 * 512).shape == (3, 224, 224)
+
+
+def test_extreme_aspect_ratio_is_refused_before_resizing(tmp_path):
+    _write(p := tmp_path / "sliver.png", np.zeros((1, 5000, 3), np.uint8))  # -> 1,280,000 x 256 after resizing
+    with pytest.raises(ImageError, match="sliver.png: resizing it would make 1280000x256"):
+        load_tensor(p)
+    assert MAX_PIXELS == 89_478_485
+
+
+def test_load_tensors_keeps_order_and_reports_bad_files_in_place(tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"")
+    paths = [*sample_images()[:2], bad, *sample_images()[2:4]]
+    out = load_tensors(paths, workers=2)
+    assert isinstance(out[2], ImageError) and "bad.jpg: the file is empty" in str(out[2])
+    for path, tensor in zip(paths[:2] + paths[3:], out[:2] + out[3:]):
+        assert np.array_equal(tensor, load_tensor(path))

@@ -3,19 +3,42 @@
 This reproduces ``deploy/python/preprocess.py`` of PaddleClas with the parameters of
 ``deploy/configs/inference_cls.yaml`` (held in :class:`hrnet_triton.contract.PreprocessConfig`):
 
-1. decode with OpenCV to 8-bit, 3 channels, then BGR -> RGB (PaddleClas does ``cv2.imread``
-   then reverses the channels);
+1. decode with OpenCV to 8-bit, 3 channels (PaddleClas does ``cv2.imread`` then reverses the
+   channels to RGB);
 2. scale so the short side is ``resize_short``: each side ``int(round(side * short/min(w, h)))``,
    ``cv2.resize`` with ``INTER_LINEAR``;
 3. center crop ``crop_size``: top-left ``((w - crop)//2, (h - crop)//2)``;
 4. ``(img.astype(float32) * float32(scale) - mean) / std`` with float32 mean and std, in HWC;
 5. HWC -> CHW.
+
+The result is bit-identical to PaddleClas's, but computed in a cheaper order: the resize runs
+on the decoded BGR array (PaddleClas resizes a reversed-stride view, which OpenCV first copies;
+resizing is per channel, so the order does not change a value), the channels are picked after
+the crop, and step 4 is a 256-entry table per channel, filled with the very float32 operations
+PaddleClas applies to every pixel. :func:`load_tensors` also decodes several files at once on
+a thread pool (OpenCV releases the GIL). ``benchmarks/preprocess_speed.py`` measures it.
+
+What happens to images that are not plain 8-bit RGB (each is what ``cv2.imread`` does, so the
+tensors stay PaddleClas's; ``tests/test_preprocess.py`` checks each against ``cv2.imread``):
+
+- grayscale: the gray value is copied to all three channels;
+- RGBA / gray+alpha: the alpha channel is dropped (not composited on any background);
+- 16-bit PNG / TIFF: reduced to 8 bits by keeping the high byte (``v >> 8``);
+- CMYK JPEG: converted to RGB by libjpeg, without ICC colour management;
+- EXIF orientation: applied (a photo taken upright is classified upright);
+- smaller than the crop: scaled up so the short side is ``resize_short``, then cropped;
+- more than ``max_pixels`` pixels in the header (default :data:`MAX_PIXELS`), or an aspect
+  ratio so extreme that the resized image would exceed it: refused before any decoding, as a
+  defence against decompression bombs.
 """
 
 from __future__ import annotations
 
+import functools
+import io
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
@@ -23,9 +46,23 @@ import numpy as np
 from hrnet_triton.contract import DEFAULT_PREPROCESS, PreprocessConfig
 from hrnet_triton.errors import ImageError
 
+# Pillow's own decompression-bomb warning threshold (Image.MAX_IMAGE_PIXELS): about 0.25 GiB
+# decoded as 8-bit RGB. A 24-megapixel camera photo is well inside it.
+MAX_PIXELS = 89_478_485
 
-def decode(data: bytes, name: str = "<bytes>") -> np.ndarray:
-    """Decode encoded image bytes to an 8-bit RGB HWC array, as PaddleClas reads files."""
+
+def _check_pixels(width: int, height: int, max_pixels: int, name: str, what: str) -> None:
+    if width * height > max_pixels:
+        raise ImageError(
+            f"{name}: {what} {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
+            "(a guard against decompression bombs); shrink the image or raise --max-pixels"
+        )
+
+
+def _decode_bgr(data: bytes, name: str, max_pixels: int) -> np.ndarray:
+    """Encoded bytes -> contiguous 8-bit BGR HWC, as ``cv2.imread`` reads the file."""
+    import imagesize
+
     if not data:
         raise ImageError(f"{name}: the file is empty; pass a JPEG, PNG, BMP, TIFF or WebP image")
     if data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") < data.find(b"\xff\xda"):
@@ -33,20 +70,35 @@ def decode(data: bytes, name: str = "<bytes>") -> np.ndarray:
         # occur inside entropy-coded data). Some OpenCV builds decode a cut file into a partly
         # grey image without complaint; this makes truncation an error whatever OpenCV is used.
         raise ImageError(f"{name}: truncated JPEG (no end-of-image marker); the file is incomplete")
+    try:
+        width, height = imagesize.get(io.BytesIO(data))
+    except Exception:  # noqa: BLE001 - a header it cannot parse is for OpenCV to judge
+        width, height = -1, -1
+    if width > 0 and height > 0:  # -1 for formats imagesize does not know; checked after decoding
+        _check_pixels(width, height, max_pixels, name, "the header says")
     bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if bgr is None:
         raise ImageError(f"{name}: not a decodable image (corrupt, truncated or not an image file)")
-    return np.ascontiguousarray(bgr[:, :, ::-1])
+    _check_pixels(bgr.shape[1], bgr.shape[0], max_pixels, name, "decoded to")
+    return bgr
 
 
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an image file to an 8-bit RGB HWC array."""
+def decode(data: bytes, name: str = "<bytes>", max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode encoded image bytes to an 8-bit RGB HWC array, as PaddleClas reads files."""
+    return np.ascontiguousarray(_decode_bgr(data, name, max_pixels)[:, :, ::-1])
+
+
+def _read_bytes(path: str | os.PathLike[str]) -> bytes:
     try:
         with open(path, "rb") as fh:
-            data = fh.read()
+            return fh.read()
     except OSError as err:
         raise ImageError(f"{path}: cannot read the file ({err.strerror or err})") from err
-    return decode(data, str(path))
+
+
+def read_image(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Read an image file to an 8-bit RGB HWC array."""
+    return decode(_read_bytes(path), str(path), max_pixels)
 
 
 def resize_short(img: np.ndarray, short: int) -> np.ndarray:
@@ -65,22 +117,84 @@ def center_crop(img: np.ndarray, size: int) -> np.ndarray:
 
 
 def normalize_chw(img: np.ndarray, cfg: PreprocessConfig = DEFAULT_PREPROCESS) -> np.ndarray:
+    """PaddleClas's NormalizeImage + ToCHWImage, written as PaddleClas writes them (the reference
+    for :func:`_lookup_table`, and for float inputs, which a table cannot serve)."""
     mean = np.array(cfg.mean).reshape(1, 1, 3).astype("float32")
     std = np.array(cfg.std).reshape(1, 1, 3).astype("float32")
     out = (img.astype("float32") * np.float32(cfg.scale) - mean) / std
     return np.ascontiguousarray(out.transpose(2, 0, 1))
 
 
+@functools.lru_cache(maxsize=8)
+def _lookup_table(cfg: PreprocessConfig) -> np.ndarray:
+    """(3, 256) float32: row c holds normalize(v) for channel c, v = 0..255, by the same float32
+    operations :func:`normalize_chw` applies to each pixel, so a lookup equals the arithmetic."""
+    values = np.broadcast_to(np.arange(256, dtype=np.uint8).reshape(1, 256, 1), (1, 256, 3))
+    return np.ascontiguousarray(normalize_chw(values, cfg)[:, 0, :])
+
+
+def _tensor(img: np.ndarray, order: str, cfg: PreprocessConfig) -> np.ndarray:
+    """An 8-bit HWC image whose channels are in ``order`` -> the model's float32 CHW tensor."""
+    crop = center_crop(resize_short(img, cfg.resize_short), cfg.crop_size)
+    picks = (0, 1, 2) if order == cfg.channel_order else (2, 1, 0)
+    table = _lookup_table(cfg)
+    out = np.empty((3, cfg.crop_size, cfg.crop_size), np.float32)
+    for c, src in enumerate(picks):
+        np.take(table[c], crop[:, :, src], out=out[c])
+    return out
+
+
 def preprocess(rgb: np.ndarray, cfg: PreprocessConfig = DEFAULT_PREPROCESS) -> np.ndarray:
     """An 8-bit RGB HWC image -> the float32 CHW tensor the models take."""
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ImageError(f"expected an 8-bit RGB image of shape (H, W, 3), got {rgb.dtype} {rgb.shape}")
-    img = rgb if cfg.channel_order == "RGB" else rgb[:, :, ::-1]
-    return normalize_chw(center_crop(resize_short(img, cfg.resize_short), cfg.crop_size), cfg)
+    return _tensor(np.ascontiguousarray(rgb), "RGB", cfg)
+
+
+def load_tensor(
+    path: str | os.PathLike[str], cfg: PreprocessConfig = DEFAULT_PREPROCESS, max_pixels: int = MAX_PIXELS
+) -> np.ndarray:
+    """One image file -> the float32 CHW tensor (what ``classify`` sends for it)."""
+    bgr = _decode_bgr(_read_bytes(path), str(path), max_pixels)
+    h, w = bgr.shape[:2]
+    ratio = cfg.resize_short / min(w, h)
+    _check_pixels(int(round(w * ratio)), int(round(h * ratio)), max_pixels, str(path), "resizing it would make")
+    return _tensor(bgr, "BGR", cfg)
+
+
+def default_workers() -> int:
+    return min(8, os.cpu_count() or 1)
+
+
+def load_tensors(
+    paths: Sequence[str | os.PathLike[str]],
+    cfg: PreprocessConfig = DEFAULT_PREPROCESS,
+    *,
+    workers: int | None = None,
+    max_pixels: int = MAX_PIXELS,
+) -> list[np.ndarray | ImageError]:
+    """Tensors for many files, in order, on ``workers`` threads (default: one per core, up to 8).
+    A file that cannot be used gets its :class:`ImageError` in its place; the others still load."""
+
+    def one(path):
+        try:
+            return load_tensor(path, cfg, max_pixels)
+        except ImageError as err:
+            return err
+
+    workers = workers or default_workers()
+    if workers == 1 or len(paths) < 2:
+        return [one(p) for p in paths]
+    with ThreadPoolExecutor(workers, thread_name_prefix="preprocess") as pool:
+        return list(pool.map(one, paths))
 
 
 def preprocess_files(
     paths: Sequence[str | os.PathLike[str]], cfg: PreprocessConfig = DEFAULT_PREPROCESS
 ) -> np.ndarray:
     """Read and preprocess several files into one NCHW batch (any bad file raises ImageError)."""
-    return np.stack([preprocess(read_image(p), cfg) for p in paths])
+    tensors = load_tensors(paths, cfg)
+    for t in tensors:
+        if isinstance(t, ImageError):
+            raise t
+    return np.stack(tensors)

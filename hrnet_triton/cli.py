@@ -2,7 +2,8 @@
 
 Subcommands: ``variants`` (the seed table), ``export`` (weights -> ONNX, parity-gated),
 ``engine`` (ONNX -> TensorRT plan), ``repo`` (a Triton model repository), ``serve`` (a local
-Triton server), ``classify`` (top-k labels, in-process or through Triton), ``demo`` (the main job). Each subcommand is a thin layer over a typed
+Triton server), ``classify`` (top-k labels, in-process or through Triton), ``preprocess`` (the tensor
+``classify`` sends), ``demo`` (the main job). Each subcommand is a thin layer over a typed
 function of its stage; errors of the project's family are printed as one message, with exit 1.
 """
 
@@ -95,7 +96,7 @@ def _cmd_repo(args: argparse.Namespace) -> int:
         log.warning("no --onnx-dir: writing configs and labels only; put each model.onnx in <model>/1/ yourself")
     written = write_repository(
         target, chosen, args.out, onnx_dir=args.onnx_dir, plans_dir=args.plans_dir, threads=args.threads,
-        instance_kind=args.instance_kind, max_batch=args.max_batch,
+        instance_kind=args.instance_kind, max_batch=args.max_batch, max_queue_size=args.max_queue_size,
     )
     print(f"wrote {len(written)} {target.value}-target model(s) to {args.out}: {', '.join(p.name for p in written)}")
     return 0
@@ -182,6 +183,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print("Triton stopped", file=sys.stderr)
 
 
+def _triton_classifier(args: argparse.Namespace, **options):
+    from hrnet_client.triton import TritonClassifier
+
+    if not args.model:
+        raise HrnetTritonError("--url needs --model, one of the seed names (`hrnet-triton variants`)")
+    return TritonClassifier(args.url, args.model, args.protocol, **options)
+
+
 def _cmd_classify(args: argparse.Namespace) -> int:
     from hrnet_client.classify import OnnxRuntimeClassifier, format_predictions
     from hrnet_client.samples import sample_images
@@ -192,14 +201,20 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     if (args.onnx is None) == (args.url is None):
         raise HrnetTritonError("give either --url (a Triton server) with --model, or --onnx (in-process)")
     if args.onnx is not None:
+        if args.shared_memory or args.server_top_k or args.concurrency != 1:
+            raise HrnetTritonError("--shared-memory, --server-top-k and --concurrency need a server (--url), not --onnx")
         classifier = OnnxRuntimeClassifier(args.onnx)
     else:
-        from hrnet_client.triton import TritonClassifier
-
-        if not args.model:
-            raise HrnetTritonError("--url needs --model, one of the seed names (`hrnet-triton variants`)")
-        classifier = TritonClassifier(args.url, args.model, args.protocol)
-    preds = classifier.classify_files(images, k=args.top_k, batch_size=args.batch_size)
+        classifier = _triton_classifier(
+            args, concurrency=args.concurrency, shared_memory=args.shared_memory, server_top_k=args.server_top_k
+        )
+    try:
+        preds = classifier.classify_files(
+            images, k=args.top_k, batch_size=args.batch_size, workers=args.workers, max_pixels=args.max_pixels
+        )
+    finally:
+        if hasattr(classifier, "close"):
+            classifier.close()
     print(format_predictions(preds, as_json=args.json))
     failed = [p for p in preds if p.error]
     if failed:
@@ -208,7 +223,28 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from hrnet_client.preprocess import load_tensor
+    from hrnet_triton import atomic
+    from hrnet_triton.contract import DEFAULT_PREPROCESS
+
+    cfg, source = DEFAULT_PREPROCESS, "PaddleClas's inference_cls.yaml"
+    if args.url:
+        with _triton_classifier(args) as classifier:
+            cfg, source = classifier.cfg, f"{args.model}'s config on {classifier.address}"
+    x = load_tensor(args.image, cfg, args.max_pixels)[np.newaxis]
+    out = args.out if args.out.suffix == ".npy" else args.out.with_name(args.out.name + ".npy")
+    with atomic.atomic_path(out, suffix=".npy") as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, x)
+    print(f"{args.image} -> {out}: {x.dtype} {list(x.shape)} (NCHW), parameters from {source}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from hrnet_triton.contract import MAX_PIXELS
     parser = argparse.ArgumentParser(prog="hrnet-triton", description=__doc__.split("\n\n")[0].strip("`: "))
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
@@ -252,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads per instance, cpu target (default: 2)")
     p.add_argument("--instance-kind", choices=["cpu", "gpu"], help="override the target's instance kind")
     p.add_argument("--max-batch", type=int, help="max_batch_size (default: the target's; gpu: the plans' profile max)")
+    p.add_argument("--max-queue-size", type=int,
+                   help="requests waiting beyond this are rejected at once (default: the target's; 0: unbounded)")
     p.set_defaults(func=_cmd_repo)
 
     p = sub.add_parser("serve", help="run a real Triton server on a model repository until Ctrl-C/SIGTERM")
@@ -285,8 +323,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", type=Path, help="classify in-process with this exported ONNX model instead")
     p.add_argument("--top-k", type=int, default=5, help="how many classes per image (default: 5)")
     p.add_argument("--batch-size", type=int, default=8, help="images per inference call (default: 8)")
+    p.add_argument("--concurrency", type=int, default=1, help="requests in flight at once, with --url (default: 1)")
+    p.add_argument("--shared-memory", action="store_true",
+                   help="pass tensors through system shared memory (the server must run on this host)")
+    p.add_argument("--server-top-k", action="store_true",
+                   help="let the server pick the top-k (Triton's classification extension) instead of the client")
+    p.add_argument("--workers", type=int, help="threads decoding images (default: one per core, up to 8)")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                   help=f"refuse images with more pixels than this, before decoding (default: {MAX_PIXELS:,})")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_classify)
+
+    p = sub.add_parser("preprocess", help="write the float32 NCHW tensor `classify` would send for an image")
+    p.add_argument("image", type=Path, help="an image file")
+    p.add_argument("--out", type=Path, required=True, help="the .npy file to write (shape [1, 3, 224, 224])")
+    p.add_argument("--url", help="read the preprocessing parameters from this server's model config")
+    p.add_argument("--model", help="with --url: the model's name, e.g. HRNet_W18_C")
+    p.add_argument("--protocol", choices=["http", "grpc"], default="http")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help=f"(default: {MAX_PIXELS:,})")
+    p.set_defaults(func=_cmd_preprocess)
     return parser
 
 
@@ -295,9 +350,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.WARNING if args.quiet else (logging.INFO, logging.DEBUG)[min(args.verbose, 1)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     warnings.filterwarnings("ignore", message="No ccache found")  # printed by `import paddle`, not ours to act on
-    if getattr(args, "top_k", 1) < 1 or getattr(args, "batch_size", 1) < 1:
-        print("hrnet-triton: error: --top-k and --batch-size must be at least 1", file=sys.stderr)
-        return 2
+    for option in ("top_k", "batch_size", "concurrency", "workers", "max_pixels"):
+        value = getattr(args, option, None)
+        if value is not None and value < 1:
+            print(f"hrnet-triton: error: --{option.replace('_', '-')} must be at least 1, got {value}", file=sys.stderr)
+            return 2
     try:
         return args.func(args)
     except HrnetTritonError as err:

@@ -18,6 +18,11 @@ CROP_SIZE = 224
 ONNX_OPSET = 17
 
 
+# The default pixel limit for input images, checked from the header before decoding: Pillow's
+# own decompression-bomb warning threshold (Image.MAX_IMAGE_PIXELS), about 0.25 GiB decoded as
+# 8-bit RGB. A 24-megapixel camera photograph is well inside it.
+MAX_PIXELS = 89_478_485
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     """PaddleClas's ResizeImage -> CropImage -> NormalizeImage -> ToCHWImage, as parameters.

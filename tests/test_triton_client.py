@@ -137,3 +137,117 @@ def test_demo_serves_and_classifies_over_both_protocols(w18_offline, tmp_path, c
     assert "== over HTTP ==" in printed and "== over GRPC ==" in printed
     http, grpc = printed.split("== over GRPC ==")
     assert http.split("== over HTTP ==")[1].strip().splitlines()[:8] == grpc.strip().splitlines()[:8]
+
+
+@pytest.mark.parametrize("protocol", list(Protocol), ids=lambda p: p.value)
+def test_concurrent_requests_through_shared_memory_equal_onnxruntime(server, w18_offline, protocol):
+    port = server.ports.http if protocol is Protocol.HTTP else server.ports.grpc
+    x = preprocess_files(sample_images())
+    batch = np.concatenate([x, x[::-1], x])  # 21 images: three requests of 8, 8 and 5
+    expected = onnxruntime_predict(w18_offline.onnx, batch)
+    with TritonClassifier(f"127.0.0.1:{port}", "HRNet_W18_C", protocol, concurrency=3, shared_memory=True) as clf:
+        regions = _shared_memory_regions(server)
+        assert len([r for r in regions if r.startswith("hrnet-")]) == 6  # an input and an output per lane
+        np.testing.assert_allclose(clf.probabilities(batch), expected, atol=1e-5)
+    assert _shared_memory_regions(server) == [], "close() leaves regions registered"
+    assert not [f for f in __import__("os").listdir("/dev/shm") if f.startswith("hrnet-")]
+
+
+def _shared_memory_regions(server) -> list[str]:
+    import tritonclient.http as httpclient
+
+    status = httpclient.InferenceServerClient(f"127.0.0.1:{server.ports.http}").get_system_shared_memory_status()
+    return sorted(r["name"] for r in status)
+
+
+@pytest.mark.parametrize("protocol", list(Protocol), ids=lambda p: p.value)
+def test_server_top_k_is_the_client_top_k(server, protocol):
+    port = server.ports.http if protocol is Protocol.HTTP else server.ports.grpc
+    by_client = TritonClassifier(f"127.0.0.1:{port}", "HRNet_W18_C", protocol).classify_files(sample_images(), k=5)
+    with TritonClassifier(f"127.0.0.1:{port}", "HRNet_W18_C", protocol, server_top_k=True, concurrency=2) as clf:
+        by_server = clf.classify_files(sample_images(), k=5, batch_size=3)
+    for a, b in zip(by_client, by_server):
+        assert [(g.class_id, g.label) for g in a.top] == [(g.class_id, g.label) for g in b.top]
+        # Triton prints the probability with six decimals
+        np.testing.assert_allclose([g.probability for g in a.top], [g.probability for g in b.top], atol=1e-6)
+
+
+def test_wrong_shapes_and_dtypes_are_refused_before_sending(server):
+    from hrnet_client.triton import InferenceError
+
+    clf = TritonClassifier(server.http_url, "HRNet_W18_C")
+    with pytest.raises(InferenceError, match=r"shape \(N>=1, 3, 224, 224\), got float32 \(2, 3, 256, 256\)"):
+        clf.probabilities(np.zeros((2, 3, 256, 256), np.float32))
+    with pytest.raises(InferenceError, match="takes float32 tensors, got float64"):
+        clf.probabilities(np.zeros((1, 3, 224, 224)))
+
+
+def test_every_bad_file_is_named_the_rest_are_classified_and_the_server_still_answers(server, tmp_path, capsys):
+    from test_preprocess import _png_header_only
+
+    rocket = next(p for p in sample_images() if p.name == "rocket.jpg").read_bytes()
+    bad = {
+        "empty.jpg": (b"", "the file is empty"),
+        "cut.jpg": (rocket[: len(rocket) // 2], "truncated JPEG"),
+        "notes.png": (b"these are not pixels", "not a decodable image"),
+        "bomb.png": (_png_header_only(60_000, 60_000), "over the limit of 89,478,485"),
+    }
+    for name, (content, _) in bad.items():
+        (tmp_path / name).write_bytes(content)
+    (tmp_path / "folder.jpg").mkdir()
+    names = [*bad, "folder.jpg", "absent.jpg"]
+    good = sample_images()[:3]
+    args = [*(str(tmp_path / n) for n in names), *map(str, good)]
+    code = main(["classify", *args, "--url", server.http_url, "--model", "HRNet_W18_C", "--json", "--top-k", "2"])
+    rows = json.loads(capsys.readouterr().out)
+    assert code == 2
+    for row, name in zip(rows, names):
+        assert row["top"] == [] and row["error"].startswith(str(tmp_path / name)), row
+    for name, (_, problem) in bad.items():
+        assert problem in rows[names.index(name)]["error"]
+    assert "cannot read the file" in rows[names.index("absent.jpg")]["error"]
+    assert [len(r["top"]) for r in rows[len(names):]] == [2, 2, 2] and not any(r["error"] for r in rows[len(names):])
+    assert main(["classify", str(good[0]), "--url", server.http_url, "--model", "HRNet_W18_C"]) == 0
+
+
+def test_overload_is_reported_as_the_queue_policy_rejection(w18_offline, tmp_path, capsys):
+    from hrnet_client.triton import ServerOverloadedError
+
+    repo = tmp_path / "repo"
+    write_repository(Target.CPU, [variants.get("HRNet_W18_C")], repo, onnx_dir=w18_offline.onnx.parent, max_queue_size=1)
+    with LocalTritonServer(repo, serve_env=_serve_env(), ports=_free_ports(), log_file=tmp_path / "triton.log") as srv:
+        x = preprocess_files(sample_images()[:1])
+        with TritonClassifier(srv.http_url, "HRNet_W18_C", concurrency=12) as clf:
+            with pytest.raises(ServerOverloadedError, match="overloaded and rejected a batch of 8.*Exceeds maximum queue size"):
+                clf.probabilities(np.repeat(x, 8 * 12, axis=0))
+        images = [str(p) for p in sample_images()] * 12  # 84 images, 11 requests at once
+        code = main(["classify", *images, "--url", srv.http_url, "--model", "HRNet_W18_C", "--concurrency", "11", "--json"])
+        rows = json.loads(capsys.readouterr().out)
+        assert code == 2
+        refused = [r for r in rows if r["error"]]
+        assert refused and all("is overloaded" in r["error"] for r in refused)
+        assert len(refused) < len(rows), "the requests the queue admitted were answered"
+        assert TritonClassifier(srv.http_url, "HRNet_W18_C").probabilities(x).shape == (1, 1000)  # and it recovers
+
+
+@pytest.mark.parametrize("from_server", [False, True], ids=["defaults", "server-config"])
+def test_preprocess_command_writes_paddleclas_tensor(server, tmp_path, from_server, capsys):
+    from paddleclas_reference import paddleclas_deploy_tensor
+
+    for path in sample_images():
+        out = tmp_path / f"{path.stem}.npy"
+        extra = ["--url", server.http_url, "--model", "HRNet_W18_C"] if from_server else []
+        assert main(["preprocess", str(path), "--out", str(out), *extra]) == 0
+        x = np.load(out)
+        assert x.shape == (1, 3, 224, 224) and x.dtype == np.float32
+        np.testing.assert_allclose(x[0], paddleclas_deploy_tensor(path), atol=1e-5, rtol=0, err_msg=path.name)
+    assert ("HRNet_W18_C's config on" in capsys.readouterr().out) == from_server
+
+
+def test_preprocess_command_on_a_bad_image_writes_nothing(tmp_path, capsys):
+    bad = tmp_path / "bad.jpg"
+    rocket = next(p for p in sample_images() if p.name == "rocket.jpg").read_bytes()
+    bad.write_bytes(rocket[: len(rocket) // 3])
+    assert main(["preprocess", str(bad), "--out", str(tmp_path / "x.npy")]) == 1
+    assert "bad.jpg: truncated JPEG" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [bad]

@@ -100,6 +100,7 @@ def model_config(
     preprocess: PreprocessConfig = DEFAULT_PREPROCESS,
     max_batch_size: int | None = None,
     cc_model_filenames: dict[str, str] | None = None,
+    max_queue_size: int | None = None,
 ):
     """The ``ModelConfig`` message for ``variant`` on ``target``.
 
@@ -115,6 +116,10 @@ def model_config(
             preferred_batch_sizes=tuple(s for s in b.preferred_batch_sizes if s <= max_batch_size) or (max_batch_size,),
             cuda_graph_batch_sizes=tuple(s for s in b.cuda_graph_batch_sizes if s <= max_batch_size),
         )
+    if max_queue_size is not None:
+        if max_queue_size < 0:
+            raise HrnetTritonError(f"--max-queue-size must be >= 0 (0: unbounded), got {max_queue_size}")
+        b = replace(b, max_queue_size=max_queue_size)
     cfg = pb.ModelConfig(name=variant.name, max_batch_size=b.max_batch_size)
     if target is Target.GPU:
         cfg.platform = "tensorrt_plan"
@@ -194,6 +199,7 @@ def write_model(
     threads: int = 2,
     instance_kind: str | None = None,
     max_batch: int | None = None,
+    max_queue_size: int | None = None,
 ) -> Path:
     """Write one model directory (config, labels, and its version directory) under ``out``.
 
@@ -216,7 +222,7 @@ def write_model(
     cc_files = {cc: installed_plan_name(cc) for cc in plans}
     cfg = model_config(
         variant, target, threads=threads, instance_kind=instance_kind, max_batch_size=max_batch,
-        cc_model_filenames=cc_files or None,
+        cc_model_filenames=cc_files or None, max_queue_size=max_queue_size,
     )  # fmt: skip
     atomic.write_text(model_dir / "config.pbtxt", config_text(cfg))
     labels = imagenet_labels()
@@ -249,6 +255,7 @@ def write_repository(
     threads: int = 2,
     instance_kind: str | None = None,
     max_batch: int | None = None,
+    max_queue_size: int | None = None,
 ) -> list[Path]:
     """Write a repository for ``variants``; ONNX models are taken from ``onnx_dir/<name>.onnx``,
     plans (gpu target) from ``plans_dir`` (any ``*.plan`` with its ``*.plan.json`` manifest)."""
@@ -256,6 +263,7 @@ def write_repository(
     written = []
     for v in variants:
         onnx = onnx_dir / f"{v.name}.onnx" if onnx_dir is not None else None
-        written.append(write_model(v, target, out, onnx=onnx, plans_dir=plans_dir, threads=threads, instance_kind=instance_kind, max_batch=max_batch))
+        written.append(write_model(v, target, out, onnx=onnx, plans_dir=plans_dir, threads=threads, instance_kind=instance_kind, max_batch=max_batch,
+                                   max_queue_size=max_queue_size))
         log.info("wrote %s (%s target)", written[-1], target.value)
     return written

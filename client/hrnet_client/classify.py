@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import numpy as np
 from hrnet_triton.contract import DEFAULT_PREPROCESS, INPUT_NAME, OUTPUT_NAME, Labels, PreprocessConfig, imagenet_labels
 from hrnet_triton.errors import HrnetTritonError, ImageError
 
-from .preprocess import preprocess, read_image
+from .preprocess import MAX_PIXELS, load_tensors
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +47,6 @@ def top_k(probs: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-probs, axis=-1, kind="stable")[..., :k]
 
 
-def predictions(names: Sequence[str], probs: np.ndarray, labels: Labels, k: int) -> list[Prediction]:
-    return [
-        Prediction(name, tuple(Guess(int(c), labels[int(c)], float(row[c])) for c in top_k(row, k)))
-        for name, row in zip(names, probs)
-    ]
-
-
 class Classifier:
     """Top-k classification of image files; subclasses say how probabilities are computed."""
 
@@ -64,21 +57,50 @@ class Classifier:
     def probabilities(self, batch: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def classify_files(self, paths: Sequence[str | os.PathLike[str]], k: int = 5, batch_size: int = 8) -> list[Prediction]:
-        """Classify every file; a file that cannot be read gets an error entry, the others still run."""
+    def _probabilities_per_batch(self, batches: Sequence[np.ndarray]) -> Iterator[np.ndarray | HrnetTritonError]:
+        for batch in batches:
+            try:
+                yield self.probabilities(batch)
+            except HrnetTritonError as err:
+                yield err
+
+    def classify_batches(
+        self, batches: Sequence[np.ndarray], k: int
+    ) -> Iterator[list[tuple[Guess, ...]] | HrnetTritonError]:
+        """Top-k per image of each batch, in order; a batch that failed yields its error."""
+        for probs in self._probabilities_per_batch(batches):
+            if isinstance(probs, HrnetTritonError):
+                yield probs
+            else:
+                yield [tuple(Guess(int(c), self.labels[int(c)], float(row[c])) for c in top_k(row, k)) for row in probs]
+
+    def classify_files(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        k: int = 5,
+        batch_size: int = 8,
+        *,
+        workers: int | None = None,
+        max_pixels: int = MAX_PIXELS,
+    ) -> list[Prediction]:
+        """Classify every file. A file that cannot be used, or a batch the server refused, gets an
+        error entry; everything else is still classified."""
         batch_size = max(1, min(batch_size, self.max_batch))
         results: dict[int, Prediction] = {}
         good: list[tuple[int, np.ndarray]] = []
-        for i, p in enumerate(paths):
-            try:
-                good.append((i, preprocess(read_image(p), self.cfg)))
-            except ImageError as err:
-                results[i] = Prediction(str(p), error=str(err))
-        for start in range(0, len(good), batch_size):
-            chunk = good[start : start + batch_size]
-            probs = self.probabilities(np.stack([t for _, t in chunk]))
-            for (i, _), pred in zip(chunk, predictions([str(paths[i]) for i, _ in chunk], probs, self.labels, k)):
-                results[i] = pred
+        for i, (p, tensor) in enumerate(zip(paths, load_tensors(paths, self.cfg, workers=workers, max_pixels=max_pixels))):
+            if isinstance(tensor, ImageError):
+                results[i] = Prediction(str(p), error=str(tensor))
+            else:
+                good.append((i, tensor))
+        chunks = [good[s : s + batch_size] for s in range(0, len(good), batch_size)]
+        outcomes = self.classify_batches([np.stack([t for _, t in chunk]) for chunk in chunks], k)
+        for chunk, outcome in zip(chunks, outcomes):
+            for j, (i, _) in enumerate(chunk):
+                if isinstance(outcome, HrnetTritonError):
+                    results[i] = Prediction(str(paths[i]), error=str(outcome))
+                else:
+                    results[i] = Prediction(str(paths[i]), outcome[j])
         return [results[i] for i in range(len(paths))]
 
 

@@ -43,12 +43,10 @@ from concurrent.futures import ThreadPoolExecutor
 import cv2
 import numpy as np
 
-from hrnet_triton.contract import DEFAULT_PREPROCESS, PreprocessConfig
+from hrnet_triton.contract import DEFAULT_PREPROCESS, MAX_PIXELS, PreprocessConfig
 from hrnet_triton.errors import ImageError
 
-# Pillow's own decompression-bomb warning threshold (Image.MAX_IMAGE_PIXELS): about 0.25 GiB
-# decoded as 8-bit RGB. A 24-megapixel camera photo is well inside it.
-MAX_PIXELS = 89_478_485
+__all__ = ["MAX_PIXELS", "decode", "load_tensor", "load_tensors", "preprocess", "preprocess_files", "read_image"]
 
 
 def _check_pixels(width: int, height: int, max_pixels: int, name: str, what: str) -> None:

@@ -97,6 +97,7 @@ def _cmd_repo(args: argparse.Namespace) -> int:
     written = write_repository(
         target, chosen, args.out, onnx_dir=args.onnx_dir, plans_dir=args.plans_dir, threads=args.threads,
         instance_kind=args.instance_kind, max_batch=args.max_batch, max_queue_size=args.max_queue_size,
+        instances=args.instances,
     )
     print(f"wrote {len(written)} {target.value}-target model(s) to {args.out}: {', '.join(p.name for p in written)}")
     return 0
@@ -285,9 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx-dir", type=Path, help="directory of exported <NAME>.onnx files (onnx and cpu targets)")
     p.add_argument("--out", type=Path, required=True, help="the repository directory to write")
     p.add_argument("--plans-dir", type=Path, help="directory of plans built by `engine` (gpu target; one per GPU arch)")
-    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads per instance, cpu target (default: 2)")
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per instance, cpu target (default: 1)")
     p.add_argument("--instance-kind", choices=["cpu", "gpu"], help="override the target's instance kind")
     p.add_argument("--max-batch", type=int, help="max_batch_size (default: the target's; gpu: the plans' profile max)")
+    p.add_argument("--instances", type=int, help="model instances (instance_group count; default: the target's)")
     p.add_argument("--max-queue-size", type=int,
                    help="requests waiting beyond this are rejected at once (default: the target's; 0: unbounded)")
     p.set_defaults(func=_cmd_repo)

@@ -67,6 +67,22 @@ def test_cpu_config_runs_python_backend_with_the_threads_asked_for():
     assert cfg.backend == "python" and cfg.parameters["onnx_intra_op_threads"].string_value == "3"
 
 
+def test_cpu_default_is_two_single_threaded_instances_taking_whatever_waits():
+    cfg = repository.model_config(variants.get("HRNet_W18_C"), Target.CPU)
+    assert [(g.count, g.kind) for g in cfg.instance_group] == [(2, pb.ModelInstanceGroup.KIND_CPU)]
+    assert cfg.parameters["onnx_intra_op_threads"].string_value == "1"
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [] and cfg.dynamic_batching.max_queue_delay_microseconds == 0
+
+
+def test_instances_and_queue_size_can_be_overridden_and_are_checked():
+    cfg = repository.model_config(variants.get("HRNet_W18_C"), Target.ONNX, instances=3, max_queue_size=1)
+    assert cfg.instance_group[0].count == 3 and cfg.dynamic_batching.default_queue_policy.max_queue_size == 1
+    with pytest.raises(HrnetTritonError, match="--instances must be at least 1, got 0"):
+        repository.model_config(variants.get("HRNet_W18_C"), Target.CPU, instances=0)
+    with pytest.raises(HrnetTritonError, match="--max-queue-size must be >= 0"):
+        repository.model_config(variants.get("HRNet_W18_C"), Target.CPU, max_queue_size=-1)
+
+
 def test_batching_rejects_preferred_sizes_above_the_maximum():
     with pytest.raises(ValueError, match="must lie in 1..max_batch_size=8"):
         repository.Batching(8, (4, 16), 100, 8, 1000, 1)

@@ -74,10 +74,12 @@ TARGETS: dict[Target, Batching] = {
     Target.GPU: Batching(32, (8, 16, 32), 1000, 256, 2_000_000, 2, cuda_graph_batch_sizes=(1, 8, 16, 32)),
     # ONNX Runtime on CPU gains little from big batches; 8 keeps latency bounded.
     Target.ONNX: Batching(16, (4, 8), 2000, 64, 5_000_000, 1),
-    # The embedded default on a 2-core machine: ONNX Runtime runs HRNet_W18_C at ~30 ms per
-    # image at batch 1 (DESIGN.md, measured); batches of 4-8 amortise the Python backend's
-    # per-request overhead, and a 2 ms window is small against 30 ms of compute.
-    Target.CPU: Batching(8, (4, 8), 2000, 32, 5_000_000, 1),
+    # The embedded default on a 2-core machine: two instances of one ONNX Runtime thread each
+    # beat one instance of two threads (HRNet's many small low-resolution ops scale poorly
+    # across threads), and no preferred sizes or delay: an instance takes whatever is waiting
+    # when it frees up, instead of merging two concurrent requests onto one instance while the
+    # other idles (measured in docs/repository.md).
+    Target.CPU: Batching(8, (), 0, 32, 5_000_000, 2),
 }
 
 
@@ -95,12 +97,13 @@ def model_config(
     variant: Variant,
     target: Target,
     *,
-    threads: int = 2,
+    threads: int = 1,
     instance_kind: str | None = None,
     preprocess: PreprocessConfig = DEFAULT_PREPROCESS,
     max_batch_size: int | None = None,
     cc_model_filenames: dict[str, str] | None = None,
     max_queue_size: int | None = None,
+    instances: int | None = None,
 ):
     """The ``ModelConfig`` message for ``variant`` on ``target``.
 
@@ -113,13 +116,18 @@ def model_config(
         b = replace(
             b,
             max_batch_size=max_batch_size,
-            preferred_batch_sizes=tuple(s for s in b.preferred_batch_sizes if s <= max_batch_size) or (max_batch_size,),
+            preferred_batch_sizes=tuple(s for s in b.preferred_batch_sizes if s <= max_batch_size)
+            or ((max_batch_size,) if b.preferred_batch_sizes else ()),
             cuda_graph_batch_sizes=tuple(s for s in b.cuda_graph_batch_sizes if s <= max_batch_size),
         )
     if max_queue_size is not None:
         if max_queue_size < 0:
             raise HrnetTritonError(f"--max-queue-size must be >= 0 (0: unbounded), got {max_queue_size}")
         b = replace(b, max_queue_size=max_queue_size)
+    if instances is not None:
+        if instances < 1:
+            raise HrnetTritonError(f"--instances must be at least 1, got {instances}")
+        b = replace(b, instances=instances)
     cfg = pb.ModelConfig(name=variant.name, max_batch_size=b.max_batch_size)
     if target is Target.GPU:
         cfg.platform = "tensorrt_plan"
@@ -196,10 +204,11 @@ def write_model(
     *,
     onnx: Path | None = None,
     plans_dir: Path | None = None,
-    threads: int = 2,
+    threads: int = 1,
     instance_kind: str | None = None,
     max_batch: int | None = None,
     max_queue_size: int | None = None,
+    instances: int | None = None,
 ) -> Path:
     """Write one model directory (config, labels, and its version directory) under ``out``.
 
@@ -223,6 +232,7 @@ def write_model(
     cfg = model_config(
         variant, target, threads=threads, instance_kind=instance_kind, max_batch_size=max_batch,
         cc_model_filenames=cc_files or None, max_queue_size=max_queue_size,
+        instances=instances,
     )  # fmt: skip
     atomic.write_text(model_dir / "config.pbtxt", config_text(cfg))
     labels = imagenet_labels()
@@ -252,10 +262,11 @@ def write_repository(
     *,
     onnx_dir: Path | None = None,
     plans_dir: Path | None = None,
-    threads: int = 2,
+    threads: int = 1,
     instance_kind: str | None = None,
     max_batch: int | None = None,
     max_queue_size: int | None = None,
+    instances: int | None = None,
 ) -> list[Path]:
     """Write a repository for ``variants``; ONNX models are taken from ``onnx_dir/<name>.onnx``,
     plans (gpu target) from ``plans_dir`` (any ``*.plan`` with its ``*.plan.json`` manifest)."""
@@ -264,6 +275,6 @@ def write_repository(
     for v in variants:
         onnx = onnx_dir / f"{v.name}.onnx" if onnx_dir is not None else None
         written.append(write_model(v, target, out, onnx=onnx, plans_dir=plans_dir, threads=threads, instance_kind=instance_kind, max_batch=max_batch,
-                                   max_queue_size=max_queue_size))
+                                   max_queue_size=max_queue_size, instances=instances))
         log.info("wrote %s (%s target)", written[-1], target.value)
     return written

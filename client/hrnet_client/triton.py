@@ -347,8 +347,7 @@ class TritonClassifier(Classifier):
             for future in futures:  # a consumer that stopped early: do not send the rest
                 future.cancel()
 
-    def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        """Probabilities for a float32 NCHW batch of any length (sent in ``max_batch`` pieces)."""
+    def _check_batch(self, batch: np.ndarray) -> None:
         c = self.cfg.crop_size
         if not isinstance(batch, np.ndarray) or batch.ndim != 4 or batch.shape[1:] != (3, c, c) or len(batch) == 0:
             got = f"{batch.dtype} {batch.shape}" if isinstance(batch, np.ndarray) else type(batch).__name__
@@ -356,13 +355,25 @@ class TritonClassifier(Classifier):
                                  "make one with hrnet_client.preprocess.load_tensors")
         if batch.dtype != np.float32:
             raise InferenceError(f"{self.model} takes float32 tensors, got {batch.dtype}; convert with batch.astype(np.float32)")
-        chunks = [batch[s : s + self.max_batch] for s in range(0, len(batch), self.max_batch)]
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities for a float32 NCHW batch of any length (sent in ``max_batch`` pieces)."""
+        self._check_batch(batch)
+        return np.concatenate(self.run_batches([batch[s : s + self.max_batch] for s in range(0, len(batch), self.max_batch)]))
+
+    def run_batches(self, batches: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Probabilities for each batch, each sent as one request (of at most ``max_batch``
+        images), ``concurrency`` at a time; the first failure is raised."""
+        for batch in batches:
+            self._check_batch(batch)
+            if len(batch) > self.max_batch:
+                raise InferenceError(f"a batch of {len(batch)} is above {self.model}'s max_batch_size {self.max_batch}")
         out = []
-        for result in self._map(chunks, None):
+        for result in self._map(batches, None):
             if isinstance(result, Exception):
                 raise result
             out.append(result)
-        return np.concatenate(out)
+        return out
 
     def classify_batches(self, batches: Sequence[np.ndarray], k: int) -> Iterator[list[tuple[Guess, ...]] | HrnetTritonError]:
         if not self.server_top_k:

@@ -17,7 +17,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[export,client,test]"
+	$(BIN)/python -m pip install --quiet -e ".[export,client,loadtest,test]"
 	# Test-only reference: PaddleClas's own HRNet (its pinned dependencies are not wanted).
 	$(BIN)/python -m pip install --quiet --no-deps paddleclas==2.6.0
 	# Only the tritonserver binary of this wheel is used; its own pins (numpy<2) are not wanted.

@@ -1,0 +1,112 @@
+"""Real Locust runs (headless, short) of loadtest/hrnet.py against the real local Triton server."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hrnet_build.repository import Target, write_repository
+from hrnet_triton import variants
+from hrnet_triton.server import LocalTritonServer
+from test_repository import _free_ports, _serve_env
+
+LOCUSTFILE = Path(__file__).resolve().parents[1] / "loadtest" / "hrnet.py"
+LOCUST = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE)]
+
+
+@pytest.fixture(scope="module")
+def server(w18_offline, tmp_path_factory):
+    root = tmp_path_factory.mktemp("loadtest")
+    write_repository(Target.CPU, [variants.get("HRNet_W18_C")], root / "repo", onnx_dir=w18_offline.onnx.parent)
+    with LocalTritonServer(root / "repo", serve_env=_serve_env(), ports=_free_ports(), log_file=root / "triton.log") as srv:
+        yield srv
+
+
+def _locust(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCUST_")}
+    return subprocess.run([*LOCUST, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _aggregated(prefix: Path) -> dict[str, str]:
+    with open(f"{prefix}_stats.csv", newline="") as fh:
+        return next(row for row in csv.DictReader(fh) if row["Name"] == "Aggregated")
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_headless_run_reports_requests_without_failures(server, tmp_path, protocol):
+    prefix = tmp_path / "run"
+    run = _locust(
+        ["--host", server.http_url, "--grpc-port", str(server.ports.grpc), "--protocol", protocol, "--headless",
+         "-u", "2", "-r", "2", "-t", "8s", "--batch-size", "2", "--csv", str(prefix), "--html", str(tmp_path / "report.html")],
+        tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    row = _aggregated(prefix)
+    assert int(row["Request Count"]) >= 2 and int(row["Failure Count"]) == 0
+    assert float(row["50%"]) > 0 and float(row["95%"]) >= float(row["50%"])
+    with open(f"{prefix}_stats.csv", newline="") as fh:
+        names = {(r["Type"], r["Name"]) for r in csv.DictReader(fh)}
+    assert (protocol.upper(), "HRNet_W18_C") in names
+    assert "images/s answered" in run.stderr and (tmp_path / "report.html").stat().st_size > 10_000
+    assert "Traceback" not in run.stderr
+
+
+def test_server_top_k_answers_are_checked_and_pass(server, tmp_path):
+    run = _locust(["--host", server.http_url, "--headless", "-u", "1", "-t", "5s", "--top-k", "5", "--csv", str(tmp_path / "k")], tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert int(_aggregated(tmp_path / "k")["Failure Count"]) == 0
+
+
+def test_crossed_p95_threshold_exits_non_zero(server, tmp_path):
+    run = _locust(["--host", server.http_url, "--headless", "-u", "1", "-t", "4s", "--max-p95-ms", "1"], tmp_path)
+    assert run.returncode == 3
+    assert "threshold crossed: p95 latency" in run.stderr and "> --max-p95-ms 1" in run.stderr
+
+
+def test_distributed_master_and_worker_share_the_load(server, tmp_path):
+    port = _free_ports().http
+    common = ["--host", server.http_url]
+    master = subprocess.Popen(
+        [*LOCUST, *common, "--master", "--master-bind-port", str(port), "--headless", "--expect-workers", "1", "-u", "2", "-r", "2", "-t", "8s",
+         "--csv", str(tmp_path / "dist")],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    worker = subprocess.Popen([*LOCUST, *common, "--worker", "--master-host", "127.0.0.1", "--master-port", str(port)], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        _, master_err = master.communicate(timeout=120)
+        worker.communicate(timeout=60)
+    finally:
+        for proc in (master, worker):
+            if proc.poll() is None:
+                proc.kill()
+    assert master.returncode == 0, master_err[-3000:]
+    row = _aggregated(tmp_path / "dist")
+    assert int(row["Request Count"]) >= 2 and int(row["Failure Count"]) == 0
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--model", "HRNet_W99_C"], "has no model 'HRNet_W99_C'; it serves: HRNet_W18_C"),
+        (["--images", "EMPTY"], "no images there"),
+        (["--host", "http://127.0.0.1:PORT"], "no Triton server answers at 127.0.0.1:PORT"),
+    ],
+    ids=["unknown-model", "empty-folder", "server-down"],
+)
+def test_bad_setup_is_one_clear_message_not_tracebacks(server, tmp_path, extra, message):
+    (tmp_path / "EMPTY").mkdir()
+    (tmp_path / "EMPTY" / "notes.txt").write_text("not an image")
+    down = str(_free_ports().http)
+    extra = [a.replace("EMPTY", str(tmp_path / "EMPTY")).replace("PORT", down) for a in extra]
+    message = message.replace("PORT", down)
+    host = [] if "--host" in extra else ["--host", server.http_url]
+    run = _locust([*host, *extra, "--headless", "-u", "2", "-t", "5s"], tmp_path)
+    assert run.returncode == 2
+    assert message in run.stderr
+    assert "Traceback" not in run.stderr and "Greenlet" not in run.stderr

@@ -52,8 +52,9 @@ def _options(parser) -> None:
     group.add_argument("--grpc-port", env_var="LOCUST_GRPC_PORT", type=int, default=8001,
                        help="gRPC port on the --host's machine (default 8001)")
     group.add_argument("--batch-size", env_var="LOCUST_BATCH_SIZE", type=int, default=1, help="images per request")
-    group.add_argument("--payload", env_var="LOCUST_PAYLOAD", choices=["tensor"], default="tensor",
-                       help="what a request carries: the preprocessed float32 tensor")
+    group.add_argument("--payload", env_var="LOCUST_PAYLOAD", choices=["tensor", "tiny"], default="tensor",
+                       help="tensor: the preprocessed images; tiny: a 1x1-pixel tensor per image, to measure the "
+                       "harness itself against a model that accepts any size")
     group.add_argument("--images", env_var="LOCUST_IMAGES", default="",
                        help="a folder of images (default: the bundled sample photographs)")
     group.add_argument("--top-k", env_var="LOCUST_TOP_K", type=int, default=0,
@@ -221,6 +222,8 @@ class TritonUser(User):
             self.client.close()
 
     def _batch(self) -> np.ndarray:
+        if self.environment.parsed_options.payload == "tiny":
+            return np.zeros((self.batch, 3, 1, 1), np.float32)
         picks = [next(self.next_images) for _ in range(self.batch)]
         if self.environment.parsed_options.preprocess_in_loop:
             return np.stack([load_tensor(self.work.files[i], self.work.cfg) for i in picks])

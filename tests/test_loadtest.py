@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from hrnet_triton.server import LocalTritonServer
 from test_repository import _free_ports, _serve_env
 
 LOCUSTFILE = Path(__file__).resolve().parents[1] / "loadtest" / "hrnet.py"
+TRIVIAL = Path(__file__).resolve().parents[1] / "loadtest" / "trivial_repository" / "trivial"
 LOCUST = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE)]
 
 
@@ -23,6 +25,7 @@ LOCUST = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE)]
 def server(w18_offline, tmp_path_factory):
     root = tmp_path_factory.mktemp("loadtest")
     write_repository(Target.CPU, [variants.get("HRNet_W18_C")], root / "repo", onnx_dir=w18_offline.onnx.parent)
+    shutil.copytree(TRIVIAL, root / "repo" / "trivial")  # served beside HRNet, as docs/loadtest.md measures it
     with LocalTritonServer(root / "repo", serve_env=_serve_env(), ports=_free_ports(), log_file=root / "triton.log") as srv:
         yield srv
 
@@ -110,3 +113,61 @@ def test_bad_setup_is_one_clear_message_not_tracebacks(server, tmp_path, extra, 
     assert run.returncode == 2
     assert message in run.stderr
     assert "Traceback" not in run.stderr and "Greenlet" not in run.stderr
+
+
+def test_trivial_model_config_is_a_valid_triton_config_with_the_contract():
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from hrnet_triton.contract import INPUT_NAME, OUTPUT_NAME, PreprocessConfig
+
+    cfg = text_format.Parse((TRIVIAL / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert cfg.name == "trivial" and [i.name for i in cfg.input] == [INPUT_NAME] and [o.name for o in cfg.output] == [OUTPUT_NAME]
+    assert PreprocessConfig.from_parameters({k: v.string_value for k, v in cfg.parameters.items()})
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_tiny_payload_against_the_trivial_model_passes_the_answer_checks(server, tmp_path, protocol):
+    run = _locust(
+        ["--host", server.http_url, "--grpc-port", str(server.ports.grpc), "--protocol", protocol, "--model", "trivial",
+         "--payload", "tiny", "--batch-size", "4", "--headless", "-u", "2", "-r", "2", "-t", "3s", "--csv", str(tmp_path / "t")],
+        tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    row = _aggregated(tmp_path / "t")
+    assert int(row["Request Count"]) > 10 and int(row["Failure Count"]) == 0
+
+
+def test_web_ui_mode_swarms_from_the_form_and_reports(server, tmp_path):
+    import json
+    import time
+    import urllib.parse
+    import urllib.request
+
+    port = _free_ports().http
+    proc = subprocess.Popen([*LOCUST, "--host", server.http_url, "--web-host", "127.0.0.1", "--web-port", str(port)],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    ui = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(ui, timeout=2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, "the web UI never came up"
+                time.sleep(0.5)
+        form = urllib.parse.urlencode({"user_count": 2, "spawn_rate": 2, "host": server.http_url}).encode()
+        with urllib.request.urlopen(urllib.request.Request(f"{ui}/swarm", data=form), timeout=10) as r:
+            assert json.load(r)["success"]
+        while True:
+            with urllib.request.urlopen(f"{ui}/stats/requests", timeout=10) as r:
+                stats = {s["name"]: s for s in json.load(r)["stats"]}
+            if stats.get("HRNet_W18_C", {}).get("num_requests", 0) >= 2:
+                break
+            assert time.monotonic() < deadline + 60, f"no requests reported: {stats}"
+            time.sleep(1)
+        assert stats["HRNet_W18_C"]["num_failures"] == 0
+    finally:
+        proc.kill()
+        proc.communicate()

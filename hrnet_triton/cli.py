@@ -3,7 +3,7 @@
 Subcommands: ``variants`` (the seed table), ``export`` (weights -> ONNX, parity-gated),
 ``engine`` (ONNX -> TensorRT plan), ``repo`` (a Triton model repository), ``serve`` (a local
 Triton server), ``classify`` (top-k labels, in-process or through Triton), ``preprocess`` (the tensor
-``classify`` sends), ``demo`` (the main job). Each subcommand is a thin layer over a typed
+``classify`` sends), ``bench`` (a Locust sweep), ``demo`` (the main job). Each subcommand is a thin layer over a typed
 function of its stage; errors of the project's family are printed as one message, with exit 1.
 """
 
@@ -244,6 +244,34 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from datetime import date
+    from platform import python_version
+
+    from hrnet_triton.bench import sweep, write_results
+
+    def ints(text: str, option: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",")]
+        except ValueError:
+            values = []
+        if not values or min(values) < 1:
+            raise HrnetTritonError(f"{option} takes positive integers separated by commas, e.g. 1,2,4; got {text!r}")
+        return values
+
+    points = sweep(
+        args.url, args.model, protocol=args.protocol, grpc_port=args.grpc_port,
+        batch_sizes=ints(args.batch_sizes, "--batch-sizes"), concurrencies=ints(args.concurrency, "--concurrency"),
+        seconds=args.seconds, out=args.out,
+    )  # fmt: skip
+    title = (f"{args.model} over {args.protocol.upper()} at {args.url}; Locust, {args.seconds:g} s per point; "
+             f"{date.today()}, Python {python_version()}")  # fmt: skip
+    written = write_results(points, args.out, title)
+    print((args.out / "bench.md").read_text())
+    print("wrote " + ", ".join(map(str, written)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hrnet_triton.contract import MAX_PIXELS
     parser = argparse.ArgumentParser(prog="hrnet-triton", description=__doc__.split("\n\n")[0].strip("`: "))
@@ -336,6 +364,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_classify)
 
+    p = sub.add_parser("bench", help="sweep concurrency and batch size with Locust; table, CSV and plot")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server's HTTP address (default: %(default)s)")
+    p.add_argument("--model", default="HRNet_W18_C")
+    p.add_argument("--protocol", choices=["http", "grpc"], default="http", help="what Locust sends (statistics use HTTP)")
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--batch-sizes", default="1,8", help="images per request, comma-separated (default: 1,8)")
+    p.add_argument("--concurrency", default="1,2,4,8", help="Locust users, comma-separated (default: 1,2,4,8)")
+    p.add_argument("--seconds", type=float, default=20, help="per point (default: 20)")
+    p.add_argument("--out", type=Path, default=Path("bench"), help="where bench.csv/.md/.png go (default: bench/)")
+    p.set_defaults(func=_cmd_bench)
+
     p = sub.add_parser("preprocess", help="write the float32 NCHW tensor `classify` would send for an image")
     p.add_argument("image", type=Path, help="an image file")
     p.add_argument("--out", type=Path, required=True, help="the .npy file to write (shape [1, 3, 224, 224])")
@@ -354,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="No ccache found")  # printed by `import paddle`, not ours to act on
     for option in ("top_k", "batch_size", "concurrency", "workers", "max_pixels"):
         value = getattr(args, option, None)
-        if value is not None and value < 1:
+        if isinstance(value, int) and value < 1:
             print(f"hrnet-triton: error: --{option.replace('_', '-')} must be at least 1, got {value}", file=sys.stderr)
             return 2
     try:

@@ -171,3 +171,31 @@ def test_web_ui_mode_swarms_from_the_form_and_reports(server, tmp_path):
     finally:
         proc.kill()
         proc.communicate()
+
+
+def test_bench_sweeps_with_locust_and_splits_server_time(server, tmp_path, capsys):
+    from hrnet_triton.cli import main
+
+    out = tmp_path / "bench"
+    code = main(["bench", "--url", server.http_url, "--model", "HRNet_W18_C", "--batch-sizes", "1,2",
+                 "--concurrency", "1,2", "--seconds", "4", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    with open(out / "bench.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["batch_size"], r["concurrency"]) for r in rows] == [("1", "1"), ("1", "2"), ("2", "1"), ("2", "2")]
+    for r in rows:
+        assert int(r["requests"]) > 0 and int(r["failures"]) == 0
+        assert float(r["images_per_s"]) > 0 and float(r["p99_ms"]) >= float(r["p50_ms"]) > 0
+        assert float(r["server_compute_ms"]) > 0 and float(r["server_queue_ms"]) >= 0
+        # the server's time per request cannot exceed what the client waited for it
+        assert float(r["server_compute_ms"]) + float(r["server_queue_ms"]) < float(r["p99_ms"]) * 1.5
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| batch | concurrency | images/s |" in capsys.readouterr().out
+
+
+def test_bench_without_a_server_says_so(tmp_path, capsys):
+    from hrnet_triton.cli import main
+
+    port = _free_ports().http
+    assert main(["bench", "--url", f"http://127.0.0.1:{port}", "--out", str(tmp_path)]) == 1
+    assert f"no Triton server answers at http://127.0.0.1:{port}" in capsys.readouterr().err

@@ -1,0 +1,155 @@
+"""``hrnet-triton bench``: sweep concurrency and batch size with Locust against a running server.
+
+Each point is one headless run of ``loadtest/hrnet.py`` (``-u`` = concurrency, closed loop).
+Around it the model's statistics are read from Triton's statistics API, and the difference
+splits the server's time per request into time queued and time computing (input, inference
+and output). The results are written as ``bench.csv``, ``bench.md`` (a table) and
+``bench.png`` (images/s against p50/p95/p99 latency, one line per batch size).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from hrnet_triton import atomic
+from hrnet_triton.errors import HrnetTritonError
+
+log = logging.getLogger(__name__)
+
+LOCUSTFILE = Path(__file__).resolve().parents[1] / "loadtest" / "hrnet.py"
+
+
+@dataclass(frozen=True)
+class Point:
+    batch_size: int
+    concurrency: int
+    requests: int
+    failures: int
+    requests_per_s: float
+    images_per_s: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    server_queue_ms: float  # mean per request, from Triton's statistics
+    server_compute_ms: float
+
+
+def model_stats(url: str, model: str) -> dict:
+    try:
+        with urllib.request.urlopen(f"{url}/v2/models/{model}/stats", timeout=10) as r:
+            return json.load(r)["model_stats"][0]
+    except urllib.error.HTTPError as err:
+        raise HrnetTritonError(f"the server at {url} has no statistics for model {model!r} ({err.code}); check --model") from err
+    except OSError as err:
+        raise HrnetTritonError(f"no Triton server answers at {url} ({err}); start one with `hrnet-triton serve`") from err
+
+
+def server_split(before: dict, after: dict) -> tuple[float, float]:
+    """Mean queue and compute milliseconds per request between two statistics snapshots."""
+
+    def ns(stats: dict, key: str) -> int:
+        return int(stats["inference_stats"][key]["ns"])
+
+    requests = int(after["inference_stats"]["success"]["count"]) - int(before["inference_stats"]["success"]["count"])
+    if requests <= 0:
+        return 0.0, 0.0
+    queue = ns(after, "queue") - ns(before, "queue")
+    compute = sum(ns(after, k) - ns(before, k) for k in ("compute_input", "compute_infer", "compute_output"))
+    return queue / requests / 1e6, compute / requests / 1e6
+
+
+def run_point(url: str, model: str, protocol: str, grpc_port: int, batch: int, concurrency: int, seconds: float, work: Path) -> Point:
+    prefix = work / f"b{batch}-c{concurrency}"
+    before = model_stats(url, model)
+    run = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--host", url, "--model", model, "--protocol", protocol,
+         "--grpc-port", str(grpc_port), "--batch-size", str(batch), "--headless", "-u", str(concurrency),
+         "-r", str(concurrency), "-t", f"{seconds:g}s", "--csv", str(prefix), "--only-summary",
+         "--max-failure-ratio", "1"],
+        capture_output=True, text=True, cwd=work,
+    )  # fmt: skip
+    after = model_stats(url, model)
+    if run.returncode != 0:
+        tail = "\n".join(line for line in run.stderr.splitlines() if "ERROR" in line)[-2000:]
+        raise HrnetTritonError(f"Locust failed at batch {batch}, concurrency {concurrency} (exit {run.returncode}): {tail}")
+    with open(f"{prefix}_stats.csv", newline="") as fh:
+        row = next(r for r in csv.DictReader(fh) if r["Name"] == "Aggregated")
+    ok_per_s = float(row["Requests/s"]) - float(row["Failures/s"])
+    queue_ms, compute_ms = server_split(before, after)
+    return Point(
+        batch, concurrency, int(row["Request Count"]), int(row["Failure Count"]), float(row["Requests/s"]),
+        ok_per_s * batch, float(row["50%"]), float(row["95%"]), float(row["99%"]), queue_ms, compute_ms,
+    )  # fmt: skip
+
+
+def write_results(points: list[Point], out: Path, title: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    names = [f.name for f in fields(Point)]
+    with atomic.atomic_path(out / "bench.csv") as tmp:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=names)
+            writer.writeheader()
+            writer.writerows(asdict(p) for p in points)
+    lines = [f"{title}\n", "| batch | concurrency | images/s | requests/s | p50 ms | p95 ms | p99 ms | failures | "
+             "server queue ms | server compute ms |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for p in points:
+        lines.append(
+            f"| {p.batch_size} | {p.concurrency} | {p.images_per_s:.1f} | {p.requests_per_s:.2f} | {p.p50_ms:.0f} | "
+            f"{p.p95_ms:.0f} | {p.p99_ms:.0f} | {p.failures}/{p.requests} | {p.server_queue_ms:.0f} | {p.server_compute_ms:.0f} |"
+        )
+    atomic.write_text(out / "bench.md", "\n".join(lines) + "\n")
+    _plot(points, out / "bench.png", title)
+    return [out / "bench.csv", out / "bench.md", out / "bench.png"]
+
+
+def _plot(points: list[Point], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for batch in sorted({p.batch_size for p in points}):
+        row = sorted((p for p in points if p.batch_size == batch), key=lambda p: p.concurrency)
+        x = [p.images_per_s for p in row]
+        for attr, style in (("p50_ms", "-o"), ("p95_ms", "--s"), ("p99_ms", ":^")):
+            ax.plot(x, [getattr(p, attr) for p in row], style, label=f"batch {batch}, {attr[:3]}")
+        for p in row:
+            ax.annotate(f"c={p.concurrency}", (p.images_per_s, p.p50_ms), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set_xlabel("throughput (images/s)")
+    ax.set_ylabel("latency per request (ms)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic.atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def sweep(
+    url: str, model: str, *, protocol: str = "http", grpc_port: int = 8001, batch_sizes: list[int], concurrencies: list[int],
+    seconds: float, out: Path,
+) -> list[Point]:  # fmt: skip
+    if not LOCUSTFILE.is_file():
+        raise HrnetTritonError(f"{LOCUSTFILE} is missing; bench runs from a checkout of the project")
+    url = url.rstrip("/") if "//" in url else f"http://{url}".rstrip("/")
+    model_stats(url, model)  # fail early: no server, or no such model
+    points = []
+    with tempfile.TemporaryDirectory(prefix="hrnet-bench-") as tmp:
+        for batch in batch_sizes:
+            for concurrency in concurrencies:
+                points.append(run_point(url, model, protocol, grpc_port, batch, concurrency, seconds, Path(tmp)))
+                p = points[-1]
+                log.info("batch %d, concurrency %d: %.1f images/s, p50 %.0f ms, p95 %.0f ms, queue %.0f ms, compute %.0f ms",
+                         batch, concurrency, p.images_per_s, p.p50_ms, p.p95_ms, p.server_queue_ms, p.server_compute_ms)  # fmt: skip
+    return points

@@ -30,8 +30,8 @@ def server(w18_offline, tmp_path_factory):
         yield srv
 
 
-def _locust(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCUST_")}
+def _locust(args: list[str], cwd: Path, timeout: float = 120, **locust_env: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCUST_")} | locust_env
     return subprocess.run([*LOCUST, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -59,8 +59,9 @@ def test_headless_run_reports_requests_without_failures(server, tmp_path, protoc
     assert "Traceback" not in run.stderr
 
 
-def test_server_top_k_answers_are_checked_and_pass(server, tmp_path):
-    run = _locust(["--host", server.http_url, "--headless", "-u", "1", "-t", "5s", "--top-k", "5", "--csv", str(tmp_path / "k")], tmp_path)
+def test_server_top_k_answers_are_checked_and_pass_with_preprocessing_in_the_loop(server, tmp_path):
+    run = _locust(["--host", server.http_url, "--headless", "-u", "1", "-t", "5s", "--top-k", "5", "--preprocess-in-loop",
+                   "--csv", str(tmp_path / "k")], tmp_path)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     assert int(_aggregated(tmp_path / "k")["Failure Count"]) == 0
 
@@ -199,3 +200,21 @@ def test_bench_without_a_server_says_so(tmp_path, capsys):
     port = _free_ports().http
     assert main(["bench", "--url", f"http://127.0.0.1:{port}", "--out", str(tmp_path)]) == 1
     assert f"no Triton server answers at http://127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_options_come_from_locust_environment_variables(server, tmp_path):
+    run = _locust(["--host", server.http_url, "--headless", "-u", "1", "-t", "3s"], tmp_path, LOCUST_MODEL="HRNet_W99_C")
+    assert run.returncode == 2 and "has no model 'HRNet_W99_C'" in run.stderr
+
+
+def test_step_shape_adds_users_step_by_step(server, tmp_path):
+    run = _locust(
+        ["--host", server.http_url, "--headless", "-u", "3", "-t", "8s", "--shape", "step", "--step-users", "1",
+         "--step-seconds", "2.5", "--csv", str(tmp_path / "s"), "--csv-full-history"],
+        tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(tmp_path / "s_stats_history.csv", newline="") as fh:
+        counts = [int(r["User Count"]) for r in csv.DictReader(fh) if r["Name"] == "Aggregated" and int(r["User Count"])]
+    steps = [c for i, c in enumerate(counts) if i == 0 or c != counts[i - 1]]
+    assert steps[:3] == [1, 2, 3], counts

@@ -170,7 +170,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         server.start()
         print(f"Triton {variant.name} (cpu target) at HTTP {server.http_url}, gRPC 127.0.0.1:{ports.grpc}; log {args.out / 'triton.log'}")
         for protocol, port in (("http", ports.http), ("grpc", ports.grpc)):
-            preds = TritonClassifier(f"127.0.0.1:{port}", variant.name, protocol).classify_files(sample_images(), k=args.top_k)
+            with TritonClassifier(f"127.0.0.1:{port}", variant.name, protocol) as classifier:
+                preds = classifier.classify_files(sample_images(), k=args.top_k)
             print(f"\n== over {protocol.upper()} ==\n{format_predictions(preds)}", flush=True)
         print("\nNOTE: offline weights: these labels are meaningless (export with --weights auto for real ones).")
         if args.keep_serving:

@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
+import imagesize
 import numpy as np
 
 from hrnet_triton.contract import DEFAULT_PREPROCESS, MAX_PIXELS, PreprocessConfig
@@ -59,8 +60,6 @@ def _check_pixels(width: int, height: int, max_pixels: int, name: str, what: str
 
 def _decode_bgr(data: bytes, name: str, max_pixels: int) -> np.ndarray:
     """Encoded bytes -> contiguous 8-bit BGR HWC, as ``cv2.imread`` reads the file."""
-    import imagesize
-
     if not data:
         raise ImageError(f"{name}: the file is empty; pass a JPEG, PNG, BMP, TIFF or WebP image")
     if data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") < data.find(b"\xff\xda"):

@@ -5,7 +5,8 @@
 #   bash build/build_plans.sh ARTIFACTS [PRECISION] [MAX_BATCH]
 #
 # ARTIFACTS holds <VARIANT>.onnx files from `hrnet-triton export`; the plans are written to
-# ARTIFACTS/plans/<VARIANT>.<gpu>.plan with a .plan.json manifest beside each. Then:
+# ARTIFACTS/plans/<VARIANT>.sm<CC>.<PRECISION>.plan with a .plan.json manifest beside each
+# (build/plans_in_container.sh does the work; plans already current are kept). Then:
 #   hrnet-triton repo --target gpu --plans-dir ARTIFACTS/plans --out model_repository
 set -euo pipefail
 artifacts=$(realpath "${1:?usage: build_plans.sh ARTIFACTS [fp16|fp32] [MAX_BATCH]}")
@@ -14,15 +15,8 @@ max_batch=${3:-32}
 repo=$(realpath "$(dirname "$0")/..")
 image=$(python3 -c "import sys; sys.path.insert(0, '$repo'); from hrnet_triton import release; print(release.TENSORRT_IMAGE)")
 command -v docker >/dev/null || { echo "build_plans.sh: docker is needed to run $image" >&2; exit 2; }
-docker run --rm --gpus all -v "$repo":/src:ro -v "$artifacts":/artifacts "$image" bash -euo pipefail -c "
-  python -m pip install --quiet /src onnx onnxruntime polygraphy scikit-image tqdm platformdirs
-  mkdir -p /artifacts/plans
-  gpu=\$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
-  for onnx in /artifacts/*.onnx; do
-    name=\$(basename \"\$onnx\" .onnx)
-    plan=/artifacts/plans/\$name.sm\$gpu.$precision.plan
-    if [ -f \"\$plan\" ] && [ -f \"\$plan.json\" ]; then echo \"\$plan exists: skipped\"; continue; fi
-    hrnet-triton engine \"\$name\" --onnx \"\$onnx\" --precision $precision --max-batch $max_batch --out \"\$plan\" \
-      --timing-cache /artifacts/plans/timing.sm\$gpu.cache
-  done
-"
+docker run --rm --gpus all -e PRECISION="$precision" -e MAX_BATCH="$max_batch" -e MODELS="${MODELS:-}" \
+  -v "$repo":/src:ro -v "$artifacts":/artifacts "$image" bash -euo pipefail -c '
+    cp -r /src /tmp/hrnet-triton && python -m pip install --quiet "/tmp/hrnet-triton[engine]"
+    bash /src/build/plans_in_container.sh /artifacts /artifacts/plans
+  '

@@ -73,8 +73,22 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_engine(args: argparse.Namespace) -> int:
-    from hrnet_build.engine import Precision, engine
+    from hrnet_build.engine import Precision, Profile, engine, require_tensorrt, stale_reason
 
+    if args.skip_if_current:
+        import ctypes
+
+        from hrnet_build.engine import _gpu_name_and_cc
+
+        trt = require_tensorrt()
+        _, cc = _gpu_name_and_cc(ctypes)
+        reason = stale_reason(args.out, args.onnx, Precision(args.precision), Profile.for_max(args.max_batch),
+                              tensorrt_version=trt.__version__, compute_capability=cc)  # fmt: skip
+        if reason is None:
+            print(f"{args.variant}: {args.out} is current (same ONNX, GPU architecture {cc}, TensorRT "
+                  f"{trt.__version__}, precision and profile): skipped")  # fmt: skip
+            return 0
+        log.info("%s: building %s: %s", args.variant, args.out, reason)
     m = engine(
         variants.get(args.variant), args.onnx, args.out, precision=Precision(args.precision),
         max_batch=args.max_batch, timing_cache=args.timing_cache,
@@ -306,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=32, help="the profile's maximum batch (default: 32)")
     p.add_argument("--out", type=Path, required=True, help="the plan to write (X.plan; X.plan.json beside it)")
     p.add_argument("--timing-cache", type=Path, help="persistent timing cache (default: timing.cache beside --out)")
+    p.add_argument("--skip-if-current", action="store_true",
+                   help="keep an existing plan built from the same ONNX file for this GPU, TensorRT version, "
+                   "precision and profile (its .plan.json says so)")  # fmt: skip
     p.set_defaults(func=_cmd_engine)
 
     p = sub.add_parser("repo", help="write a Triton model repository (configs, labels, models)")
@@ -315,7 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx-dir", type=Path, help="directory of exported <NAME>.onnx files (onnx and cpu targets)")
     p.add_argument("--out", type=Path, required=True, help="the repository directory to write")
     p.add_argument("--plans-dir", type=Path, help="directory of plans built by `engine` (gpu target; one per GPU arch)")
-    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per instance, cpu target (default: 1)")
+    p.add_argument("--threads", type=int,
+                   help="ONNX Runtime threads per instance: cpu target (default 1), onnx target (default: one per "
+                   "core of the machine; set it to the container's CPU limit)")  # fmt: skip
     p.add_argument("--instance-kind", choices=["cpu", "gpu"], help="override the target's instance kind")
     p.add_argument("--max-batch", type=int, help="max_batch_size (default: the target's; gpu: the plans' profile max)")
     p.add_argument("--instances", type=int, help="model instances (instance_group count; default: the target's)")

@@ -52,6 +52,60 @@ def _manifest(**over) -> PlanManifest:
     return PlanManifest(**{**base, **over})
 
 
+def _built_plan(tmp_path, **manifest_over):
+    """A plan file and its manifest as `engine` leaves them, for a small stand-in ONNX file."""
+    from hrnet_build.download import sha256_file
+
+    onnx = tmp_path / "HRNet_W18_C.onnx"
+    onnx.write_bytes(b"an exported model")
+    plan = tmp_path / "HRNet_W18_C.sm75.fp16.plan"
+    plan.write_bytes(b"a serialized engine")
+    m = _manifest(onnx_sha256=sha256_file(onnx), **manifest_over)
+    engine.plan_manifest_path(plan).write_text(json.dumps(m.to_dict()))
+    return onnx, plan
+
+
+def _stale(plan, onnx, precision=Precision.FP16, max_batch=32, trt=release.TENSORRT_VERSION, cc="7.5"):
+    return engine.stale_reason(plan, onnx, precision, Profile.for_max(max_batch), tensorrt_version=trt, compute_capability=cc)
+
+
+def test_a_plan_built_from_the_same_onnx_for_this_gpu_and_tensorrt_is_current(tmp_path):
+    onnx, plan = _built_plan(tmp_path)
+    assert _stale(plan, onnx) is None
+
+
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        (dict(cc="8.6"), "compute capability 7.5, now 8.6"),
+        (dict(trt="10.8.0.43"), f"TensorRT version {release.TENSORRT_VERSION}, now 10.8.0.43"),
+        (dict(precision=Precision.FP32), "precision fp16, now fp32"),
+        (dict(max_batch=16), "batch profile (1, 16, 32), now (1, 8, 16)"),
+    ],
+    ids=["other-gpu", "other-tensorrt", "other-precision", "other-profile"],
+)
+def test_a_plan_for_another_gpu_tensorrt_precision_or_profile_is_rebuilt(tmp_path, change, expected):
+    onnx, plan = _built_plan(tmp_path)
+    assert _stale(plan, onnx, **change) == f"built for {expected}"
+
+
+def test_a_plan_from_a_re_exported_onnx_or_without_its_manifest_is_rebuilt(tmp_path):
+    onnx, plan = _built_plan(tmp_path)
+    onnx.write_bytes(b"exported again, with other weights")
+    assert _stale(plan, onnx) == "built from another HRNet_W18_C.onnx (sha256 differs)"
+    engine.plan_manifest_path(plan).write_text("{not json")
+    assert "not a readable plan manifest" in _stale(plan, onnx)
+    engine.plan_manifest_path(plan).unlink()
+    assert _stale(plan, onnx) == "not built yet"
+
+
+def test_cli_skip_if_current_still_needs_tensorrt_to_know_this_gpu(w18_offline, tmp_path, capsys):
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("tensorrt is installed here")
+    code = main(["engine", "HRNet_W18_C", "--onnx", str(w18_offline.onnx), "--out", str(tmp_path / "m.plan"), "--skip-if-current"])
+    assert code == 1 and "tensorrt Python module is not installed" in capsys.readouterr().err
+
+
 def test_plan_manifest_round_trips_through_json(tmp_path):
     m = _manifest()
     path = tmp_path / "x.plan.json"

@@ -62,6 +62,15 @@ def test_gpu_config_is_a_tensorrt_plan_on_gpu_with_cuda_graphs_and_warmup(tmp_pa
     assert cfg.model_warmup[0].inputs["x"].random_data
 
 
+def test_onnx_config_caps_onnxruntime_threads_only_when_asked():
+    w18 = variants.get("HRNet_W18_C")
+    assert "intra_op_thread_count" not in repository.model_config(w18, Target.ONNX).parameters
+    cfg = repository.model_config(w18, Target.ONNX, threads=4)
+    assert cfg.backend == "onnxruntime" and cfg.parameters["intra_op_thread_count"].string_value == "4"
+    with pytest.raises(HrnetTritonError, match="--threads must be at least 1"):
+        repository.model_config(w18, Target.ONNX, threads=0)
+
+
 def test_cpu_config_runs_python_backend_with_the_threads_asked_for():
     cfg = repository.model_config(variants.get("HRNet_W18_C"), Target.CPU, threads=3)
     assert cfg.backend == "python" and cfg.parameters["onnx_intra_op_threads"].string_value == "3"

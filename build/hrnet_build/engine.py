@@ -147,6 +147,39 @@ def check_plan_manifest(m: PlanManifest, pinned: str = release.TENSORRT_VERSION)
         )
 
 
+def stale_reason(
+    plan: Path, onnx_path: Path, precision: Precision, profile: Profile, *, tensorrt_version: str, compute_capability: str
+) -> str | None:
+    """Why the plan at ``plan`` must be (re)built, or None if it is current.
+
+    Current means: the plan and its manifest exist, and the manifest says it was built from
+    this very ONNX file (sha256) for this GPU architecture, TensorRT version, precision and
+    batch profile. This is what makes ``engine --skip-if-current`` (and so the engine-builder
+    Job) idempotent.
+    """
+    from hrnet_build.download import sha256_file
+
+    manifest_file = plan_manifest_path(plan)
+    if not plan.is_file() or not manifest_file.is_file():
+        return "not built yet"
+    try:
+        m = PlanManifest.read(manifest_file)
+    except EngineError as err:
+        return str(err)
+    wanted = {
+        "TensorRT version": (m.tensorrt_version, tensorrt_version),
+        "compute capability": (m.compute_capability, compute_capability),
+        "precision": (m.precision, precision.value),
+        "batch profile": ((m.profile.min, m.profile.opt, m.profile.max), (profile.min, profile.opt, profile.max)),
+    }
+    for what, (built, now) in wanted.items():
+        if built != now:
+            return f"built for {what} {built}, now {now}"
+    if m.onnx_sha256 != sha256_file(onnx_path):
+        return f"built from another {onnx_path.name} (sha256 differs)"
+    return None
+
+
 def check_onnx_dynamic_batch(onnx_path: Path) -> None:
     """The ONNX input must have a dynamic first dimension for a batch profile to exist."""
     import onnx

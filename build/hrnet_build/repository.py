@@ -97,7 +97,7 @@ def model_config(
     variant: Variant,
     target: Target,
     *,
-    threads: int = 1,
+    threads: int | None = None,
     instance_kind: str | None = None,
     preprocess: PreprocessConfig = DEFAULT_PREPROCESS,
     max_batch_size: int | None = None,
@@ -172,8 +172,14 @@ def model_config(
         warm.inputs[INPUT_NAME].random_data = True
 
     params = {"variant": variant.name, **preprocess.to_parameters()}
+    if threads is not None and threads < 1:
+        raise HrnetTritonError(f"--threads must be at least 1, got {threads}")
     if target is Target.CPU:
-        params["onnx_intra_op_threads"] = str(threads)
+        params["onnx_intra_op_threads"] = str(threads or 1)
+    elif target is Target.ONNX and threads is not None:
+        # Triton's onnxruntime backend reads this; without it ONNX Runtime starts a thread per
+        # core of the machine, which in a container is the node's cores, not the pod's CPU limit.
+        params["intra_op_thread_count"] = str(threads)
     for key, value in params.items():
         cfg.parameters[key].string_value = value
     return cfg
@@ -204,7 +210,7 @@ def write_model(
     *,
     onnx: Path | None = None,
     plans_dir: Path | None = None,
-    threads: int = 1,
+    threads: int | None = None,
     instance_kind: str | None = None,
     max_batch: int | None = None,
     max_queue_size: int | None = None,
@@ -262,7 +268,7 @@ def write_repository(
     *,
     onnx_dir: Path | None = None,
     plans_dir: Path | None = None,
-    threads: int = 1,
+    threads: int | None = None,
     instance_kind: str | None = None,
     max_batch: int | None = None,
     max_queue_size: int | None = None,

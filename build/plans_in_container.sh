@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Build the TensorRT plans for staged ONNX models on this GPU, and optionally write the gpu-target
+# Triton repository from them. Runs inside the pinned TensorRT container with this project
+# installed: build/build_plans.sh runs it under Docker, the k8s engine-builder Job runs it in
+# the engine-builder image (Dockerfile).
+#
+#   plans_in_container.sh ONNX_DIR PLANS_DIR [REPOSITORY]
+#
+# ONNX_DIR holds <MODEL>.onnx from `hrnet-triton export`. Plans go to
+# PLANS_DIR/<MODEL>.sm<CC>.<PRECISION>.plan (+ .plan.json), one per GPU architecture (CC).
+# A plan already built from the same ONNX file for this GPU, TensorRT version, precision and
+# profile is kept (`hrnet-triton engine --skip-if-current`), so running again is cheap.
+# Environment: MODELS (default: every ONNX_DIR/*.onnx), PRECISION (fp16), MAX_BATCH (32).
+set -euo pipefail
+onnx_dir=${1:?usage: plans_in_container.sh ONNX_DIR PLANS_DIR [REPOSITORY]}
+plans=${2:?usage: plans_in_container.sh ONNX_DIR PLANS_DIR [REPOSITORY]}
+repository=${3:-}
+precision=${PRECISION:-fp16}
+max_batch=${MAX_BATCH:-32}
+
+read -r -a models <<<"${MODELS:-}"
+if [ ${#models[@]} -eq 0 ]; then
+  for onnx in "$onnx_dir"/*.onnx; do
+    [ -e "$onnx" ] && models+=("$(basename "$onnx" .onnx)")
+  done
+fi
+if [ ${#models[@]} -eq 0 ]; then
+  echo "plans_in_container.sh: no <MODEL>.onnx in $onnx_dir; stage the exported models there first" >&2
+  exit 2
+fi
+for name in "${models[@]}"; do
+  if [ ! -f "$onnx_dir/$name.onnx" ]; then
+    echo "plans_in_container.sh: $onnx_dir/$name.onnx is missing; export it with \`hrnet-triton export $name\`" >&2
+    exit 2
+  fi
+done
+
+cc=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1 | tr -d '. ')
+mkdir -p "$plans"
+for name in "${models[@]}"; do
+  hrnet-triton engine "$name" --onnx "$onnx_dir/$name.onnx" --precision "$precision" --max-batch "$max_batch" \
+    --out "$plans/$name.sm$cc.$precision.plan" --timing-cache "$plans/timing.sm$cc.cache" --skip-if-current
+done
+if [ -n "$repository" ]; then
+  hrnet-triton repo --target gpu --plans-dir "$plans" --out "$repository" --variants "${models[@]}"
+fi

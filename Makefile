@@ -10,7 +10,9 @@ SERVE_ENV ?= .venv-serve
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: setup serve-env demo test clean
+K8S_SCHEMAS ?= .cache/k8s-schemas
+
+.PHONY: setup serve-env k8s-schemas demo test clean
 
 setup: $(VENV)/.installed
 
@@ -34,10 +36,20 @@ $(SERVE_ENV)/.installed:
 	$(SERVE_ENV)/bin/python -m pip install --quiet "numpy<2" "onnxruntime>=1.18"
 	touch $@
 
+# The prometheus-operator's ServiceMonitor schema (tests/test_k8s.py validates k8s/ against it),
+# from the npm registry; without node and npm its test is skipped with the reason.
+k8s-schemas: $(K8S_SCHEMAS)/.installed
+
+$(K8S_SCHEMAS)/.installed:
+	@if command -v npm >/dev/null; then \
+	  npm install --prefix $(K8S_SCHEMAS) --no-audit --no-fund --loglevel=error @kubernetes-models/prometheus-operator@6.0.0 \
+	  && touch $@; \
+	else echo "k8s-schemas: no npm here; the ServiceMonitor schema test will be skipped"; fi
+
 demo: setup serve-env
 	$(BIN)/hrnet-triton demo --out $(OUT) $(DEMO_ARGS)
 
-test: setup serve-env
+test: setup serve-env k8s-schemas
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

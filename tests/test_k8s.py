@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from importlib.metadata import version as installed_version
 from pathlib import Path
@@ -510,6 +511,92 @@ def test_rendered_locust_master_and_workers_run_the_distributed_load_test(deploy
     for counter in re.findall(r"\b(nv_inference_\w+)\{<<", rule["metricsQuery"]):
         (count,) = re.findall(rf'^{counter}{{model="{model}",version="1"}} (\S+)$', metrics, re.MULTILINE)
         assert float(count) > 0, counter
+
+
+def _adapter_rule() -> dict:
+    values = yaml.safe_load((K8S / "components" / "hpa-queue-time" / "prometheus-adapter-values.yaml").read_text())
+    (rule,) = values["rules"]["custom"]
+    return rule
+
+
+def _queue_stats(server, model: str) -> tuple[int, int]:
+    """(queue nanoseconds, successful requests) so far, from Triton's statistics API."""
+    (stats,) = json.loads(_get(f"{server.http_url}/v2/models/{model}/stats")[1])["model_stats"]
+    return stats["inference_stats"]["queue"]["ns"], stats["inference_stats"]["success"]["count"]
+
+
+def _load(server, model: str, users: int, seconds: float) -> None:
+    """``users`` threads sending single images back to back: more than the instances, so requests queue."""
+    import threading
+
+    import numpy as np
+    import tritonclient.http as httpclient
+
+    def user():
+        client = httpclient.InferenceServerClient(server.http_url.removeprefix("http://"))
+        x = httpclient.InferInput("x", [1, 3, 224, 224], "FP32")
+        x.set_data_from_numpy(np.zeros((1, 3, 224, 224), np.float32))
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            client.infer(model, [x])
+
+    threads = [threading.Thread(target=user) for _ in range(users)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def test_adapter_rule_computes_the_queue_time_per_request_that_triton_reports(deployed, tmp_path):
+    """Prometheus scrapes the running Triton as the ServiceMonitor would (with namespace and pod labels);
+    the adapter rule's query, filled in as prometheus-adapter fills it for one pod, must give the mean
+    queue time per request that Triton's own statistics API gives for the same requests."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("Prometheus is not installed: `apt-get install --no-install-recommends prometheus` (.ci/run does)")
+    server, _ = deployed
+    model, pod = locust_settings()["LOCUST_MODEL"], "triton-5d9c7b8f4-x2x7q"
+    config = {
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
+        "scrape_configs": [{"job_name": "triton", "static_configs": [
+            {"targets": [f"127.0.0.1:{server.ports.metrics}"], "labels": {"namespace": "hrnet-triton", "pod": pod}}]}],
+    }  # fmt: skip
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = _free_ports().http
+    api = f"http://127.0.0.1:{port}/api/v1/query"
+
+    def query(promql: str) -> list:
+        return json.loads(_get(f"{api}?{urllib.parse.urlencode({'query': promql})}")[1])["data"]["result"]
+
+    with open(tmp_path / "prometheus.log", "w") as log_file:
+        prometheus = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                                       f"--web.listen-address=127.0.0.1:{port}"], stdout=log_file, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if len(query(f'nv_inference_request_success{{model="{model}"}}')) == 1:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        time.sleep(2.5)  # samples before the load: the window's baseline
+        queue_ns, count = _queue_stats(server, model)
+        _load(server, model, users=4, seconds=8)
+        queue_ns, count = (a - b for a, b in zip(_queue_stats(server, model), (queue_ns, count)))
+        time.sleep(3)  # scraped after the last request
+        rule = _adapter_rule()
+        promql = rule["metricsQuery"].replace("<<.GroupBy>>", "pod").replace("<<.LabelMatchers>>", f'namespace="hrnet-triton",pod="{pod}"')
+        (series,) = query(promql)
+    finally:
+        prometheus.terminate()
+        prometheus.wait(30)
+    expected = queue_ns / 1e9 / count
+    assert count >= 8 and expected > 0.01  # 4 users on 2 instances: requests really queued
+    assert series["metric"] == {"pod": pod}
+    # rate() extrapolates each counter by up to half a scrape interval past its samples (less for a
+    # counter it sees start near zero), ~4% of this 13 s window; over minutes in a cluster, far less.
+    assert float(series["value"][1]) == pytest.approx(expected, rel=0.1)
 
 
 def test_sigterm_lets_the_request_in_flight_finish_then_triton_exits_within_the_timeout(w18_offline, tmp_path):

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 KUBERNETES_VERSION = "1.32.0"  # the cluster version the manifests are validated for
 OVERLAYS = ("gpu", "gpu-s3", "cpu")
-BUNDLES = (*(f"overlays/{o}" for o in OVERLAYS), "loadtest")
+BUNDLES = (*(f"overlays/{o}" for o in OVERLAYS), "loadtest", "tools")
 # Kinds kubernetes-validate has no schema for, and where each is validated instead.
 CUSTOM_RESOURCES = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "test_servicemonitor_validates_against_the_prometheus_operator_schema",
@@ -76,7 +76,7 @@ def find(docs, kind: str, name: str) -> dict:
 
 
 def pod_spec(workload: dict) -> dict:
-    return workload["spec"]["template"]["spec"]
+    return workload["spec"] if workload["kind"] == "Pod" else workload["spec"]["template"]["spec"]
 
 
 def container(workload: dict) -> dict:
@@ -115,6 +115,7 @@ EXPECTED_KINDS = {
     "overlays/cpu": {"Namespace", "ServiceAccount", "ConfigMap", "Service", "PersistentVolumeClaim", "Deployment",
                      "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor"},
     "loadtest": {"ConfigMap", "Service", "Deployment", "NetworkPolicy"},
+    "tools": {"Pod"},
 }  # fmt: skip
 
 
@@ -134,7 +135,7 @@ def test_every_rendered_object_validates_strictly_against_the_pinned_kubernetes(
             continue  # no Kubernetes schema: validated by the test CUSTOM_RESOURCES names
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
         checked += 1
-    assert checked >= 4
+    assert checked >= 1
 
 
 @pytest.mark.parametrize(
@@ -276,6 +277,16 @@ def test_engine_builder_builds_the_gpu_targets_batch_profile_on_the_same_nodes_a
     assert job["spec"]["ttlSecondsAfterFinished"] > 0 and pod_spec(job)["restartPolicy"] == "Never"
 
 
+def test_repository_loader_mounts_the_claim_the_overlays_serve_from():
+    loader = find(render("tools"), "Pod", "repository-loader")
+    (claim,) = [v["persistentVolumeClaim"]["claimName"] for v in pod_spec(loader)["volumes"] if "persistentVolumeClaim" in v]
+    for overlay in ("gpu", "cpu"):
+        docs = render(f"overlays/{overlay}")
+        assert find(docs, "PersistentVolumeClaim", claim)
+        mount = next(m["mountPath"] for m in container(loader)["volumeMounts"] if m["name"] == "model-repository")
+        assert find(docs, "ConfigMap", "triton-repository")["data"]["MODEL_REPOSITORY"].startswith(mount + "/")
+
+
 def test_cpu_overlay_asks_for_no_gpu():
     for doc in render("overlays/cpu"):
         assert "nvidia.com" not in json.dumps(doc)
@@ -311,7 +322,7 @@ def test_graceful_termination_outlasts_the_longest_request(overlay):
 
 @pytest.mark.parametrize("bundle", BUNDLES)
 def test_every_pod_meets_the_restricted_pod_security_standard(bundle):
-    workloads = [d for d in render(bundle) if d["kind"] in ("Deployment", "Job")]
+    workloads = [d for d in render(bundle) if d["kind"] in ("Deployment", "Job", "Pod")]
     assert workloads
     for w in workloads:
         spec = pod_spec(w)

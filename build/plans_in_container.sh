@@ -2,7 +2,7 @@
 # Build the TensorRT plans for staged ONNX models on this GPU, and optionally write the gpu-target
 # Triton repository from them. Runs inside the pinned TensorRT container with this project
 # installed: build/build_plans.sh runs it under Docker, the k8s engine-builder Job runs it in
-# the engine-builder image (Dockerfile).
+# the engine-builder image (Dockerfile). REPOSITORY, if given, is replaced whole at the end.
 #
 #   plans_in_container.sh ONNX_DIR PLANS_DIR [REPOSITORY]
 #
@@ -42,5 +42,11 @@ for name in "${models[@]}"; do
     --out "$plans/$name.sm$cc.$precision.plan" --timing-cache "$plans/timing.sm$cc.cache" --skip-if-current
 done
 if [ -n "$repository" ]; then
-  hrnet-triton repo --target gpu --plans-dir "$plans" --out "$repository" --variants "${models[@]}"
+  # Written beside, then renamed into place: Triton (which loads the repository once, at start)
+  # never finds half of it, and an interrupted run leaves the previous repository as it was.
+  rm -rf "$repository.partial" "$repository.previous"
+  hrnet-triton repo --target gpu --plans-dir "$plans" --out "$repository.partial" --variants "${models[@]}"
+  if [ -e "$repository" ]; then mv "$repository" "$repository.previous"; fi
+  mv "$repository.partial" "$repository"
+  rm -rf "$repository.previous"
 fi

@@ -189,9 +189,10 @@ def test_triton_runs_the_pinned_ngc_release(overlay):
 
 def test_project_images_are_built_from_the_dockerfile_at_this_version_and_the_pinned_tensorrt():
     job = find(render("overlays/gpu"), "Job", "engine-builder")
-    assert container(job)["image"] == f"hrnet-triton-engine-builder:{PROJECT_VERSION}"
+    assert container(job)["image"].endswith(f"/hrnet-triton-engine-builder:{PROJECT_VERSION}")
     for name in ("locust-master", "locust-worker"):
-        assert container(find(render("loadtest"), "Deployment", name))["image"] == f"hrnet-triton-loadtest:{PROJECT_VERSION}"
+        image = container(find(render("loadtest"), "Deployment", name))["image"]
+        assert image.endswith(f"/hrnet-triton-loadtest:{PROJECT_VERSION}")
 
     dockerfile = DockerfileParser(path=str(ROOT / "Dockerfile"))
     instructions = [(i["instruction"], i["value"]) for i in dockerfile.structure]
@@ -242,9 +243,12 @@ def test_selectors_of_services_budget_policy_and_autoscaler_find_the_triton_pods
     assert find(docs, "PodDisruptionBudget", "triton")["spec"]["maxUnavailable"] == 1 < hpa["minReplicas"]
 
 
+def builder_settings() -> dict[str, str]:
+    return find(render("overlays/gpu"), "ConfigMap", "engine-builder-settings")["data"]
+
+
 def _models_named() -> dict[str, list[str]]:
-    job = find(render("overlays/gpu"), "Job", "engine-builder")
-    return {"engine-builder MODELS": env_value(container(job), "MODELS").split(), "LOCUST_MODEL": [locust_settings()["LOCUST_MODEL"]]}
+    return {"engine-builder MODELS": builder_settings()["MODELS"].split(), "LOCUST_MODEL": [locust_settings()["LOCUST_MODEL"]]}
 
 
 @pytest.mark.parametrize("where", ["engine-builder MODELS", "LOCUST_MODEL"])
@@ -263,8 +267,11 @@ def test_engine_builder_builds_the_gpu_targets_batch_profile_on_the_same_nodes_a
     docs = render("overlays/gpu")
     job, deployment = find(docs, "Job", "engine-builder"), find(docs, "Deployment", "triton")
     c = container(job)
-    assert int(env_value(c, "MAX_BATCH")) == TARGETS[Target.GPU].max_batch_size
-    assert env_value(c, "PRECISION") in {p.value for p in Precision}
+    settings = find(docs, "ConfigMap", "engine-builder-settings")
+    for step in (c, *pod_spec(job)["initContainers"]):
+        assert step["envFrom"] == [{"configMapRef": {"name": settings["metadata"]["name"]}}]
+    assert int(settings["data"]["MAX_BATCH"]) == TARGETS[Target.GPU].max_batch_size
+    assert settings["data"]["PRECISION"] in {p.value for p in Precision}
     for key in ("nodeSelector", "tolerations"):
         assert pod_spec(job)[key] == pod_spec(deployment)[key] and pod_spec(job)[key]
     for workload in (job, deployment):
@@ -285,6 +292,53 @@ def test_repository_loader_mounts_the_claim_the_overlays_serve_from():
         assert find(docs, "PersistentVolumeClaim", claim)
         mount = next(m["mountPath"] for m in container(loader)["volumeMounts"] if m["name"] == "model-repository")
         assert find(docs, "ConfigMap", "triton-repository")["data"]["MODEL_REPOSITORY"].startswith(mount + "/")
+
+
+@pytest.mark.parametrize("workload", ["Deployment/triton", "Job/engine-builder"])
+def test_init_containers_hold_the_pod_until_its_inputs_are_in_place(workload, tmp_path):
+    """Each init container's own shell command, on this machine's sh, with the volume at tmp_path."""
+    kind, name = workload.split("/")
+    (init,) = pod_spec(find(render("overlays/gpu"), kind, name))["initContainers"]
+    assert init["command"][:2] == ["sh", "-c"]
+    script = init["command"][2].replace("/repository", str(tmp_path)).replace("sleep 15", "sleep 0.2")
+    env = os.environ | (builder_settings() if kind == "Job" else {})
+    if kind == "Job":
+        wanted = [tmp_path / "onnx" / f"{m}.onnx" for m in builder_settings()["MODELS"].split()]
+    else:
+        wanted = [tmp_path / "models" / "HRNet_W18_C" / "config.pbtxt"]
+    proc = subprocess.Popen(["sh", "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        for path in wanted:
+            time.sleep(0.6)
+            assert proc.poll() is None, f"stopped waiting before {path.name} was there"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("in place")
+        assert proc.wait(10) == 0
+    finally:
+        proc.kill()
+    assert "waiting for" in proc.stdout.read()
+
+
+def _gpu_build_reason() -> str | None:
+    from test_engine import _has_tensorrt_and_gpu
+
+    return _has_tensorrt_and_gpu() or (None if shutil.which("nvidia-smi") else "no nvidia-smi on this machine")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gpu_build_reason() is not None, reason=str(_gpu_build_reason()))
+def test_engine_builder_script_builds_once_then_skips_and_swaps_the_repository_in_whole(w18_offline, tmp_path):
+    onnx_dir = tmp_path / "onnx"
+    onnx_dir.mkdir()
+    shutil.copy2(w18_offline.onnx, onnx_dir / "HRNet_W18_C.onnx")
+    env = os.environ | {"MODELS": "HRNet_W18_C", "MAX_BATCH": "8", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    script = [str(ROOT / "build" / "plans_in_container.sh"), str(onnx_dir), str(tmp_path / "plans"), str(tmp_path / "models")]
+    first = subprocess.run(script, env=env, capture_output=True, text=True, timeout=3600)
+    assert first.returncode == 0, first.stderr
+    second = subprocess.run(script, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0 and "is current" in second.stdout and "skipped" in second.stdout
+    assert parse_config((tmp_path / "models" / "HRNet_W18_C" / "config.pbtxt").read_text()).platform == "tensorrt_plan"
+    assert not (tmp_path / "models.partial").exists() and not (tmp_path / "models.previous").exists()
 
 
 def test_cpu_overlay_asks_for_no_gpu():
@@ -329,7 +383,7 @@ def test_every_pod_meets_the_restricted_pod_security_standard(bundle):
         assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] != 0
         assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
         assert spec["automountServiceAccountToken"] is False
-        for c in spec["containers"]:
+        for c in (*spec.get("initContainers", ()), *spec["containers"]):
             sc = c["securityContext"]
             assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
             assert sc["readOnlyRootFilesystem"] is True

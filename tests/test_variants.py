@@ -55,3 +55,13 @@ def test_cli_reports_unknown_variant_without_traceback(capsys):
     assert main(["export", "HRNet_W99_C", "--weights", "offline", "--out", "x.onnx"]) == 1
     err = capsys.readouterr().err
     assert "unknown model 'HRNet_W99_C'" in err and "Traceback" not in err
+
+
+def test_cli_output_cut_short_by_its_reader_is_not_an_error():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cli = Path(sys.executable).parent / "hrnet-triton"
+    run = subprocess.run(f"'{cli}' variants --urls | head -n 1", shell=True, capture_output=True, text=True, timeout=60)
+    assert run.stdout.startswith("model") and "Traceback" not in run.stderr and "BrokenPipe" not in run.stderr

@@ -239,8 +239,13 @@ def test_selectors_of_services_budget_policy_and_autoscaler_find_the_triton_pods
     assert find(docs, "NetworkPolicy", "triton")["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
     hpa = find(docs, "HorizontalPodAutoscaler", "triton")["spec"]
     assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "triton"}
-    # The budget lets one pod go at a time; the autoscaler's floor keeps another serving.
+    # The budget lets one pod go at a time; the autoscaler's floor keeps another serving, and it
+    # alone sets the replica count (a replicas field would reset it on every apply).
     assert find(docs, "PodDisruptionBudget", "triton")["spec"]["maxUnavailable"] == 1 < hpa["minReplicas"]
+    assert "replicas" not in deployment["spec"]
+    rolling = deployment["spec"]["strategy"]["rollingUpdate"]
+    # On GPUs a surge pod would wait for a spare GPU: replace one at a time instead.
+    assert (rolling["maxSurge"], rolling["maxUnavailable"]) == ((0, 1) if overlay.startswith("gpu") else (1, 0))
 
 
 def builder_settings() -> dict[str, str]:

@@ -479,6 +479,37 @@ def test_build_scripts_and_dockerfile_pass_their_linters():
     assert run.returncode == 0, run.stdout
 
 
+# -- what the two project images install ---------------------------------------------------------
+
+
+def _image_environment(root: Path, extra: str) -> Path:
+    """A fresh virtual environment with what the Dockerfile's stage installs: this project with
+    ``extra`` and nothing else (the images bring Python, and TensorRT for the engine builder)."""
+    run = subprocess.run([sys.executable, "-m", "venv", str(root)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    run = subprocess.run([str(root / "bin" / "python"), "-m", "pip", "install", "--quiet", f"{ROOT}[{extra}]"],
+                         capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert f'"/opt/hrnet-triton[{extra}]"' in dockerfile  # the stage installs the same extra
+    return root / "bin"
+
+
+def test_the_engine_builder_images_packages_run_everything_up_to_tensorrt(w18_offline, tmp_path):
+    bin_dir = _image_environment(tmp_path / "env", "engine")
+    run = subprocess.run([str(bin_dir / "hrnet-triton"), "repo", "--target", "gpu", "--variants", "HRNet_W18_C",
+                          "--out", str(tmp_path / "models")], capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert parse_config((tmp_path / "models" / "HRNet_W18_C" / "config.pbtxt").read_text()).platform == "tensorrt_plan"
+    # The plan build gets past the ONNX check to TensorRT, which the TensorRT container brings.
+    run = subprocess.run([str(bin_dir / "hrnet-triton"), "engine", "HRNet_W18_C", "--onnx", str(w18_offline.onnx),
+                          "--out", str(tmp_path / "m.plan")], capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 1 and "the tensorrt Python module is not installed" in run.stderr, run.stderr
+    run = subprocess.run([str(bin_dir / "python"), "-c", "from polygraphy.backend.trt import TrtRunner; import onnxruntime, skimage"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+
+
 # -- the manifests' commands, run for real -------------------------------------------------------
 
 
@@ -667,6 +698,19 @@ def test_adapter_rule_computes_the_queue_time_per_request_that_triton_reports(de
     # rate() extrapolates each counter by up to half a scrape interval past its samples (less for a
     # counter it sees start near zero), ~4% of this 13 s window; over minutes in a cluster, far less.
     assert float(series["value"][1]) == pytest.approx(expected, rel=0.1)
+
+
+def test_the_loadtest_images_packages_run_the_locustfile_against_triton(deployed, tmp_path):
+    server, _ = deployed
+    bin_dir = _image_environment(tmp_path / "env", "loadtest")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCUST_")}
+    run = subprocess.run([str(bin_dir / "locust"), "-f", str(ROOT / "loadtest" / "hrnet.py"), "--host", server.http_url,
+                          "--headless", "-u", "1", "-t", "4s", "--csv", str(tmp_path / "run")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(tmp_path / "run_stats.csv", newline="") as fh:
+        row = next(r for r in csv.DictReader(fh) if r["Name"] == "Aggregated")
+    assert int(row["Request Count"]) >= 1 and int(row["Failure Count"]) == 0
 
 
 def test_sigterm_lets_the_request_in_flight_finish_then_triton_exits_within_the_timeout(w18_offline, tmp_path):

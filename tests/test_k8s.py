@@ -684,7 +684,7 @@ def test_adapter_rule_computes_the_queue_time_per_request_that_triton_reports(de
         time.sleep(2.5)  # samples before the load: the window's baseline
         queue_ns, count = _queue_stats(server, model)
         _load(server, model, users=4, seconds=8)
-        queue_ns, count = (a - b for a, b in zip(_queue_stats(server, model), (queue_ns, count)))
+        queue_ns, count = (a - b for a, b in zip(_queue_stats(server, model), (queue_ns, count), strict=True))
         time.sleep(3)  # scraped after the last request
         rule = _adapter_rule()
         promql = rule["metricsQuery"].replace("<<.GroupBy>>", "pod").replace("<<.LabelMatchers>>", f'namespace="hrnet-triton",pod="{pod}"')

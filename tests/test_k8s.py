@@ -557,7 +557,8 @@ def _run_distributed_locust(server, tmp_path) -> tuple[str, str, str]:
     mounted.mkdir(parents=True)
     for name, text in find(docs, "ConfigMap", "locustfile")["data"].items():
         (mounted / name).write_text(text)
-    web, bind = _free_ports().http, _free_ports().http
+    free = _free_ports()  # one call: distinct ports
+    web, bind = free.http, free.grpc
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOCUST_")} | locust_settings() | {
         "LOCUST_HOST": server.http_url, "LOCUST_USERS": "2", "LOCUST_SPAWN_RATE": "2", "LOCUST_RUN_TIME": "8s",
     }  # fmt: skip

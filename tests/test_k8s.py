@@ -26,14 +26,18 @@ from importlib.metadata import version as installed_version
 from pathlib import Path
 
 import kubernetes_validate
+import numpy as np
 import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
 from hrnet_build.engine import Precision
 from hrnet_build.repository import TARGETS, Target, parse_config, write_repository
+from hrnet_client.triton import TritonClassifier
 from hrnet_triton import release, variants
+from hrnet_triton.bench import model_stats, server_split
 from hrnet_triton.server import LocalTritonServer, Ports
+from test_loadtest import _aggregated
 from test_repository import _free_ports, _serve_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -621,34 +625,6 @@ def _adapter_rule() -> dict:
     return rule
 
 
-def _queue_stats(server, model: str) -> tuple[int, int]:
-    """(queue nanoseconds, successful requests) so far, from Triton's statistics API."""
-    (stats,) = json.loads(_get(f"{server.http_url}/v2/models/{model}/stats")[1])["model_stats"]
-    return stats["inference_stats"]["queue"]["ns"], stats["inference_stats"]["success"]["count"]
-
-
-def _load(server, model: str, users: int, seconds: float) -> None:
-    """``users`` threads sending single images back to back: more than the instances, so requests queue."""
-    import threading
-
-    import numpy as np
-    import tritonclient.http as httpclient
-
-    def user():
-        client = httpclient.InferenceServerClient(server.http_url.removeprefix("http://"))
-        x = httpclient.InferInput("x", [1, 3, 224, 224], "FP32")
-        x.set_data_from_numpy(np.zeros((1, 3, 224, 224), np.float32))
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            client.infer(model, [x])
-
-    threads = [threading.Thread(target=user) for _ in range(users)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-
-
 def test_adapter_rule_computes_the_queue_time_per_request_that_triton_reports(deployed, tmp_path):
     """Prometheus scrapes the running Triton as the ServiceMonitor would (with namespace and pod labels);
     the adapter rule's query, filled in as prometheus-adapter fills it for one pod, must give the mean
@@ -683,9 +659,11 @@ def test_adapter_rule_computes_the_queue_time_per_request_that_triton_reports(de
                 pass
             time.sleep(0.5)
         time.sleep(2.5)  # samples before the load: the window's baseline
-        queue_ns, count = _queue_stats(server, model)
-        _load(server, model, users=4, seconds=8)
-        queue_ns, count = (a - b for a, b in zip(_queue_stats(server, model), (queue_ns, count), strict=True))
+        before = model_stats(server.http_url, model)
+        # Four requests in flight on two instances, so that requests queue: the project's client.
+        with TritonClassifier(server.http_url.removeprefix("http://"), model, concurrency=4) as client:
+            client.run_batches([np.zeros((1, 3, 224, 224), np.float32)] * 80)
+        after = model_stats(server.http_url, model)
         time.sleep(3)  # scraped after the last request
         rule = _adapter_rule()
         promql = rule["metricsQuery"].replace("<<.GroupBy>>", "pod").replace("<<.LabelMatchers>>", f'namespace="hrnet-triton",pod="{pod}"')
@@ -693,8 +671,9 @@ def test_adapter_rule_computes_the_queue_time_per_request_that_triton_reports(de
     finally:
         prometheus.terminate()
         prometheus.wait(30)
-    expected = queue_ns / 1e9 / count
-    assert count >= 8 and expected > 0.01  # 4 users on 2 instances: requests really queued
+    queue_ms, _ = server_split(before, after)
+    expected = queue_ms / 1e3
+    assert expected > 0.01  # 4 in flight on 2 instances: requests really queued
     assert series["metric"] == {"pod": pod}
     # rate() extrapolates each counter by up to half a scrape interval past its samples (less for a
     # counter it sees start near zero), ~4% of this 13 s window; over minutes in a cluster, far less.
@@ -709,8 +688,7 @@ def test_the_loadtest_images_packages_run_the_locustfile_against_triton(deployed
                           "--headless", "-u", "1", "-t", "4s", "--csv", str(tmp_path / "run")],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
-    with open(tmp_path / "run_stats.csv", newline="") as fh:
-        row = next(r for r in csv.DictReader(fh) if r["Name"] == "Aggregated")
+    row = _aggregated(tmp_path / "run")
     assert int(row["Request Count"]) >= 1 and int(row["Failure Count"]) == 0
 
 
@@ -718,7 +696,6 @@ def test_sigterm_lets_the_request_in_flight_finish_then_triton_exits_within_the_
     """The end of a pod's life after its preStop pause: the kubelet sends SIGTERM while a request runs."""
     import threading
 
-    import numpy as np
     import tritonclient.http as httpclient
 
     c = container(find(render("overlays/gpu"), "Deployment", "triton"))

@@ -1,16 +1,19 @@
 # The two images the Kubernetes deployment builds from this project (k8s/README.md). The server
 # itself is NVIDIA's tritonserver image as published; nothing of this project runs inside it.
 #
-#   docker build --target engine-builder -t REGISTRY/hrnet-triton-engine-builder:0.1.0 .
+#   docker build --build-arg NGC_RELEASE=$(python3 core/hrnet_core/release.py ngc) \
+#                --target engine-builder -t REGISTRY/hrnet-triton-engine-builder:0.1.0 .
 #   docker build --target loadtest       -t REGISTRY/hrnet-triton-loadtest:0.1.0 .
 #
-# TENSORRT_IMAGE must be the TensorRT container of the Triton release the server runs
-# (hrnet_triton/release.py): plans load only in the TensorRT version that built them.
-ARG TENSORRT_IMAGE=nvcr.io/nvidia/tensorrt:24.10-py3
+# NGC_RELEASE must be the release the server runs (core/hrnet_core/release.py, the one place
+# it is written; tests/test_release.py checks the default below against it): TensorRT plans
+# load only in the TensorRT version that built them, so the builder is that release's
+# TensorRT container.
+ARG NGC_RELEASE=24.10
 ARG PYTHON_IMAGE=python:3.12-slim-bookworm
 
 # Builds the plans on a GPU node: build/plans_in_container.sh with `hrnet-triton engine`.
-FROM ${TENSORRT_IMAGE} AS engine-builder
+FROM nvcr.io/nvidia/tensorrt:${NGC_RELEASE}-py3 AS engine-builder
 COPY . /opt/hrnet-triton
 RUN python3 -m pip install --no-cache-dir "/opt/hrnet-triton[engine]" \
     && { id -u 1000 >/dev/null 2>&1 || useradd --uid 1000 --create-home --shell /bin/bash hrnet; }

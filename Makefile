@@ -1,7 +1,7 @@
 # The two entry points of the README. Both set up ./.venv on a fresh machine first.
 #   make demo   export HRNet_W18_C (offline weights), serve it on a local Triton server,
 #               classify the sample photographs over HTTP and gRPC (DEMO_ARGS=--keep-serving)
-#   make test   run the test suite
+#   make test   check the style and the layering (make lint), then run the test suite
 VENV    ?= .venv
 PYTHON  ?= python3
 BIN     := $(VENV)/bin
@@ -9,10 +9,12 @@ OUT     ?= artifacts
 SERVE_ENV ?= .venv-serve
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+# The nvidia-pytriton wheel of the one pinned Triton release (core/hrnet_core/release.py).
+PYTRITON_VERSION := $(shell $(PYTHON) core/hrnet_core/release.py pytriton)
 
 K8S_SCHEMAS ?= .cache/k8s-schemas
 
-.PHONY: setup serve-env k8s-schemas demo test clean
+.PHONY: setup serve-env k8s-schemas demo lint test clean
 
 setup: $(VENV)/.installed
 
@@ -23,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	# Test-only reference: PaddleClas's own HRNet (its pinned dependencies are not wanted).
 	$(BIN)/python -m pip install --quiet --no-deps paddleclas==2.6.0
 	# Only the tritonserver binary of this wheel is used; its own pins (numpy<2) are not wanted.
-	$(BIN)/python -m pip install --quiet --no-deps nvidia-pytriton==0.7.0
+	$(BIN)/python -m pip install --quiet --no-deps nvidia-pytriton==$(PYTRITON_VERSION)
 	touch $@
 
 # The environment Triton's Python backend runs the cpu-target models in: the stub of this
@@ -49,7 +51,14 @@ $(K8S_SCHEMAS)/.installed:
 demo: setup serve-env
 	$(BIN)/hrnet-triton demo --out $(OUT) $(DEMO_ARGS)
 
-test: setup serve-env k8s-schemas
+# The style and the layering: the formatter, the linter, and the import contracts of
+# pyproject.toml (docs/architecture.md). Seconds; `make test` runs them first.
+lint: setup
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
+test: setup serve-env k8s-schemas lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

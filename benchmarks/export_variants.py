@@ -17,7 +17,8 @@ import time
 from datetime import date
 from pathlib import Path
 
-from hrnet_triton import variants
+from hrnet_core import variants
+from hrnet_core.manifest import ExportManifest
 
 
 def run(name: str, out: Path) -> dict:
@@ -28,16 +29,16 @@ def run(name: str, out: Path) -> dict:
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         return {"variant": name, "error": proc.stderr.strip().splitlines()[-1:], "wall_s": round(wall, 1)}
-    m = json.loads(onnx.with_name(f"{name}.manifest.json").read_text())
+    m = ExportManifest.read(onnx)  # X.onnx.json
     return {
         "variant": name,
         "wall_s": round(wall, 1),
-        "export_s": m["export_seconds"],
-        "peak_rss_mib": m["peak_rss_mib"],
-        "onnx_mb": round(m["onnx_bytes"] / 1e6, 1),
-        "max_abs_dprob": m["parity"]["max_abs_diff"],
-        "top5_identical": m["parity"]["top5_identical"],
-        "top1_range": [round(m["parity"]["min_top1_prob"], 3), round(m["parity"]["max_top1_prob"], 3)],
+        "export_s": m.export_seconds,
+        "peak_rss_mib": m.peak_rss_mib,
+        "onnx_mb": round(m.onnx_bytes / 1e6, 1),
+        "max_abs_dprob": m.parity.max_abs_dprob,
+        "top5_identical": m.parity.top5_identical,
+        "top1_range": [round(m.parity.min_top1_prob, 3), round(m.parity.max_top1_prob, 3)],
     }
 
 
@@ -52,16 +53,23 @@ def main() -> int:
         row = run(variants.get(name).name, args.out)
         print(json.dumps(row), flush=True)
         rows.append(row)
-    print(f"\n{date.today()}, {platform.node()}, {platform.processor() or platform.machine()}, Python {platform.python_version()}")
-    print("| model | export (s) | wall incl. start-up (s) | peak RSS (MiB) | ONNX (MB) | max abs Δprob | top-5 identical | top-1 prob range |")
+    print(
+        f"\n{date.today()}, {platform.node()}, {platform.processor() or platform.machine()}, "
+        f"Python {platform.python_version()}"
+    )
+    print(
+        "| model | export (s) | wall incl. start-up (s) | peak RSS (MiB) | ONNX (MB) | max abs Δprob "
+        "| top-5 identical | top-1 prob range |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |")
     for r in rows:
         if "error" in r:
             print(f"| {r['variant']} | failed: {' '.join(r['error'])} | | | | | | |")
             continue
         print(
-            f"| {r['variant']} | {r['export_s']:.0f} | {r['wall_s']:.0f} | {r['peak_rss_mib']:.0f} | {r['onnx_mb']:.1f} | "
-            f"{r['max_abs_dprob']:.2e} | {'yes' if r['top5_identical'] else 'NO'} | {r['top1_range'][0]}–{r['top1_range'][1]} |"
+            f"| {r['variant']} | {r['export_s']:.0f} | {r['wall_s']:.0f} | {r['peak_rss_mib']:.0f} | "
+            f"{r['onnx_mb']:.1f} | {r['max_abs_dprob']:.2e} | {'yes' if r['top5_identical'] else 'NO'} | "
+            f"{r['top1_range'][0]}–{r['top1_range'][1]} |"
         )
     return 1 if any("error" in r for r in rows) else 0
 

@@ -23,6 +23,25 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def onnx_with_contract_names(model, work: Path) -> Path:
+    """paddle2onnx's model of ``model`` (logits, no softmax), its input and output given the names
+    ``OnnxRuntimeRunner`` feeds and reads."""
+    import onnx
+
+    from hrnet_build import export
+    from hrnet_core.contract import INPUT_NAME, OUTPUT_NAME
+
+    raw = export._paddle2onnx(model, work / "raw.onnx")
+    graph = raw.graph
+    initializers = {i.name for i in graph.initializer}
+    (image,) = [i for i in graph.input if i.name not in initializers]
+    for tensor, name in ((image, INPUT_NAME), (graph.output[0], OUTPUT_NAME)):
+        if tensor.name != name:
+            export._rename(graph, tensor.name, name)
+    onnx.save(raw, work / "m.onnx")
+    return work / "m.onnx"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("variant")
@@ -33,10 +52,11 @@ def main() -> None:
     import paddle
 
     from hrnet_build import calibrate, export, weights
-    from hrnet_client.preprocess import preprocess_files
-    from hrnet_client.samples import sample_images
-    from hrnet_triton import variants
-    from hrnet_triton.contract import INPUT_NAME
+    from hrnet_core import variants
+    from hrnet_core.contract import INPUT_NAME
+    from hrnet_core.preprocess import preprocess_files
+    from hrnet_core.runtime import OnnxRuntimeRunner
+    from hrnet_core.samples import sample_images
 
     if args.residual_gamma is not None:
         calibrate.RESIDUAL_GAMMA = args.residual_gamma
@@ -49,14 +69,10 @@ def main() -> None:
         spec = paddle.static.InputSpec([None, 3, 224, 224], "float32", INPUT_NAME)
         paddle.jit.save(net, str(work / "inference"), input_spec=[spec])
         model = weights.find_inference_model(work)
-        export._paddle2onnx(model, work / "m.onnx")
-        import onnxruntime as ort
-
-        session = ort.InferenceSession(str(work / "m.onnx"), providers=["CPUExecutionProvider"])
         logits = {
-            "onnxruntime": session.run(None, {session.get_inputs()[0].name: x})[0],
-            "paddle (reference kernels)": export.paddle_predict(model, x, onednn=False),
-            "paddle (oneDNN)": export.paddle_predict(model, x, onednn=True),
+            "onnxruntime": OnnxRuntimeRunner(onnx_with_contract_names(model, work)).run(x),
+            "paddle (reference kernels)": export.PaddleInferenceRunner(model, onednn=False).run(x),
+            "paddle (oneDNN)": export.PaddleInferenceRunner(model, onednn=True).run(x),
         }
     with paddle.no_grad():
         logits["float64"] = net.to(dtype="float64")(paddle.to_tensor(x.astype("float64"))).numpy()

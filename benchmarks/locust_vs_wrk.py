@@ -7,7 +7,8 @@ encoder); Locust runs loadtest/hrnet.py with the same tensor. Prints requests/s 
 latency of each, and their ratio.
 
     hrnet-triton serve --repo REPO &        # REPO holding HRNet_W18_C (and loadtest/trivial_repository's model)
-    python benchmarks/locust_vs_wrk.py --host http://127.0.0.1:8000 --model HRNet_W18_C --concurrency 2 --seconds 20 --rounds 3
+    python benchmarks/locust_vs_wrk.py --host http://127.0.0.1:8000 --model HRNet_W18_C \
+        --concurrency 2 --seconds 20 --rounds 3
     python benchmarks/locust_vs_wrk.py --host http://127.0.0.1:8000 --model trivial --payload tiny --concurrency 8
 """
 
@@ -33,8 +34,8 @@ LOCUSTFILE = Path(__file__).resolve().parents[1] / "loadtest" / "hrnet.py"
 def request_body(model: str, url: str, payload: str, batch: int) -> tuple[bytes, int]:
     import tritonclient.http as httpclient
 
-    from hrnet_client.preprocess import load_tensor
-    from hrnet_client.samples import sample_images
+    from hrnet_core.preprocess import load_tensor
+    from hrnet_core.samples import sample_images
 
     if payload == "tiny":
         x = np.zeros((batch, 3, 1, 1), np.float32)
@@ -44,15 +45,21 @@ def request_body(model: str, url: str, payload: str, batch: int) -> tuple[bytes,
     inp.set_data_from_numpy(x, binary_data=True)
     out = httpclient.InferRequestedOutput("probabilities", binary_data=True)
     body, json_size = httpclient.InferenceServerClient.generate_request_body([inp], [out])
-    req = urllib.request.Request(f"{url}/v2/models/{model}/infer", data=body, method="POST",
-                                 headers={"Inference-Header-Content-Length": str(json_size)})  # fmt: skip
+    req = urllib.request.Request(
+        f"{url}/v2/models/{model}/infer",
+        data=body,
+        method="POST",
+        headers={"Inference-Header-Content-Length": str(json_size)},
+    )
     with urllib.request.urlopen(req, timeout=60) as r:  # the prepared request must be answered, or wrk measures errors
         if r.status != 200:
             sys.exit(f"the prepared request got HTTP {r.status}")
     return body, json_size
 
 
-def run_wrk(url: str, model: str, body_file: Path, json_size: int, connections: int, seconds: int) -> tuple[float, float]:
+def run_wrk(
+    url: str, model: str, body_file: Path, json_size: int, connections: int, seconds: int
+) -> tuple[float, float]:
     script = body_file.with_suffix(".lua")
     script.write_text(
         'wrk.method = "POST"\n'
@@ -61,10 +68,22 @@ def run_wrk(url: str, model: str, body_file: Path, json_size: int, connections: 
         f'wrk.headers["Inference-Header-Content-Length"] = "{json_size}"\n'
     )
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s", "--latency", "-s", str(script),
-         f"{url}/v2/models/{model}/infer"],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--timeout",
+            "30s",
+            "--latency",
+            "-s",
+            str(script),
+            f"{url}/v2/models/{model}/infer",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     if "Non-2xx" in out:
         sys.exit(f"wrk saw failed requests:\n{out}")
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
@@ -72,14 +91,41 @@ def run_wrk(url: str, model: str, body_file: Path, json_size: int, connections: 
     return rps, float(p50) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
 
 
-def run_locust(url: str, model: str, payload: str, batch: int, users: int, seconds: int, work: Path) -> tuple[float, float]:
+def run_locust(
+    url: str, model: str, payload: str, batch: int, users: int, seconds: int, work: Path
+) -> tuple[float, float]:
     prefix = work / "locust"
     subprocess.run(
-        [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--host", url, "--model", model, "--payload", payload,
-         "--batch-size", str(batch), "--headless", "-u", str(users), "-r", str(users), "-t", f"{seconds}s",
-         "--csv", str(prefix), "--only-summary"],
-        capture_output=True, text=True, check=True, cwd=work,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "locust",
+            "-f",
+            str(LOCUSTFILE),
+            "--host",
+            url,
+            "--model",
+            model,
+            "--payload",
+            payload,
+            "--batch-size",
+            str(batch),
+            "--headless",
+            "-u",
+            str(users),
+            "-r",
+            str(users),
+            "-t",
+            f"{seconds}s",
+            "--csv",
+            str(prefix),
+            "--only-summary",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=work,
+    )
     with open(f"{prefix}_stats.csv", newline="") as fh:
         row = next(r for r in csv.DictReader(fh) if r["Name"] == "Aggregated")
     if int(row["Failure Count"]):
@@ -106,11 +152,15 @@ def main() -> None:
     runs: dict[str, list[tuple[float, float]]] = {"wrk": [], "locust": []}
     for r in range(args.rounds):  # alternating, so a slow spell of the machine hits both tools
         runs["wrk"].append(run_wrk(url, args.model, work / "request.bin", json_size, args.concurrency, args.seconds))
-        runs["locust"].append(run_locust(url, args.model, args.payload, args.batch_size, args.concurrency, args.seconds, work))
+        runs["locust"].append(
+            run_locust(url, args.model, args.payload, args.batch_size, args.concurrency, args.seconds, work)
+        )
         print(f"round {r + 1}: wrk {runs['wrk'][-1]}, locust {runs['locust'][-1]}", file=sys.stderr, flush=True)
     wrk, loc = (tuple(statistics.median(v[i] for v in runs[k]) for i in (0, 1)) for k in ("wrk", "locust"))
-    print(f"{args.model}, payload {args.payload}, batch {args.batch_size}, {args.concurrency} connections/users, "
-          f"median of {args.rounds} alternating rounds of {args.seconds} s, {date.today()}\n")  # fmt: skip
+    print(
+        f"{args.model}, payload {args.payload}, batch {args.batch_size}, {args.concurrency} connections/users, "
+        f"median of {args.rounds} alternating rounds of {args.seconds} s, {date.today()}\n"
+    )
     print("| tool | requests/s | p50 ms |\n|---|---:|---:|")
     print(f"| wrk | {wrk[0]:.1f} | {wrk[1]:.1f} |\n| Locust (loadtest/hrnet.py) | {loc[0]:.1f} | {loc[1]:.1f} |")
     print(f"\nLocust / wrk: throughput {loc[0] / wrk[0]:.3f}, median latency {loc[1] / wrk[1]:.3f}")

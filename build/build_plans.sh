@@ -13,7 +13,7 @@ artifacts=$(realpath "${1:?usage: build_plans.sh ARTIFACTS [fp16|fp32] [MAX_BATC
 precision=${2:-fp16}
 max_batch=${3:-32}
 repo=$(realpath "$(dirname "$0")/..")
-image=$(python3 -c "import sys; sys.path.insert(0, '$repo'); from hrnet_triton import release; print(release.TENSORRT_IMAGE)")
+image=$(python3 "$repo/core/hrnet_core/release.py" tensorrt-image)
 command -v docker >/dev/null || { echo "build_plans.sh: docker is needed to run $image" >&2; exit 2; }
 docker run --rm --gpus all -e PRECISION="$precision" -e MAX_BATCH="$max_batch" -e MODELS="${MODELS:-}" \
   -v "$repo":/src:ro -v "$artifacts":/artifacts "$image" bash -euo pipefail -c '

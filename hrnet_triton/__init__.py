@@ -1,8 +1,10 @@
-"""hrnet-triton: serve PaddleClas HRNet image classifiers on NVIDIA Triton Inference Server.
+"""hrnet-triton's entry points: the ``hrnet-triton`` command line, the demo, the local server and bench.
 
-This package holds what every stage shares: the table of seed variants, the exception
-family, atomic file writes and the ``hrnet-triton`` command line. The pipeline stages live
-in ``hrnet_build`` (folder ``build/``) and the client in ``hrnet_client`` (folder ``client/``).
+The top layer. It calls the build stages (``hrnet_build``, folder ``build/``) and the client
+(``hrnet_client``, folder ``client/``), which share only the core (``hrnet_core``, folder
+``core/``). See docs/architecture.md.
 """
 
-__version__ = "0.1.0"
+from hrnet_core import __version__
+
+__all__ = ["__version__"]

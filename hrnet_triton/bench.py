@@ -20,12 +20,17 @@ import urllib.request
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from hrnet_triton import atomic
-from hrnet_triton.errors import HrnetTritonError
+from hrnet_core import atomic
+from hrnet_core.errors import HrnetTritonError
 
 log = logging.getLogger(__name__)
 
-LOCUSTFILE = Path(__file__).resolve().parents[1] / "loadtest" / "hrnet.py"
+
+def locustfile() -> Path:
+    """The Locust file, from the installed ``hrnet_loadtest`` package (a checkout's ``loadtest/``)."""
+    from importlib import resources
+
+    return Path(str(resources.files("hrnet_loadtest").joinpath("hrnet.py")))
 
 
 @dataclass(frozen=True)
@@ -48,9 +53,13 @@ def model_stats(url: str, model: str) -> dict:
         with urllib.request.urlopen(f"{url}/v2/models/{model}/stats", timeout=10) as r:
             return json.load(r)["model_stats"][0]
     except urllib.error.HTTPError as err:
-        raise HrnetTritonError(f"the server at {url} has no statistics for model {model!r} ({err.code}); check --model") from err
+        raise HrnetTritonError(
+            f"the server at {url} has no statistics for model {model!r} ({err.code}); check --model"
+        ) from err
     except OSError as err:
-        raise HrnetTritonError(f"no Triton server answers at {url} ({err}); start one with `hrnet-triton serve`") from err
+        raise HrnetTritonError(
+            f"no Triton server answers at {url} ({err}); start one with `hrnet-triton serve`"
+        ) from err
 
 
 def server_split(before: dict, after: dict) -> tuple[float, float]:
@@ -67,28 +76,37 @@ def server_split(before: dict, after: dict) -> tuple[float, float]:
     return queue / requests / 1e6, compute / requests / 1e6
 
 
-def run_point(url: str, model: str, protocol: str, grpc_port: int, batch: int, concurrency: int, seconds: float, work: Path) -> Point:
+def _locust_command(
+    url: str, model: str, protocol: str, grpc_port: int, batch: int, users: int, seconds: float
+) -> list[str]:
+    options = {
+        "--host": url, "--model": model, "--protocol": protocol, "--grpc-port": grpc_port, "--batch-size": batch,
+        "-u": users, "-r": users, "-t": f"{seconds:g}s", "--max-failure-ratio": 1,
+    }  # fmt: skip
+    flags = [str(x) for option, value in options.items() for x in (option, value)]
+    return [sys.executable, "-m", "locust", "-f", str(locustfile()), "--headless", "--only-summary", *flags]
+
+
+def run_point(
+    url: str, model: str, protocol: str, grpc_port: int, batch: int, concurrency: int, seconds: float, work: Path
+) -> Point:
     prefix = work / f"b{batch}-c{concurrency}"
     before = model_stats(url, model)
-    run = subprocess.run(
-        [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--host", url, "--model", model, "--protocol", protocol,
-         "--grpc-port", str(grpc_port), "--batch-size", str(batch), "--headless", "-u", str(concurrency),
-         "-r", str(concurrency), "-t", f"{seconds:g}s", "--csv", str(prefix), "--only-summary",
-         "--max-failure-ratio", "1"],
-        capture_output=True, text=True, cwd=work,
-    )  # fmt: skip
+    command = [*_locust_command(url, model, protocol, grpc_port, batch, concurrency, seconds), "--csv", str(prefix)]
+    run = subprocess.run(command, capture_output=True, text=True, cwd=work)
     after = model_stats(url, model)
     if run.returncode != 0:
         tail = "\n".join(line for line in run.stderr.splitlines() if "ERROR" in line)[-2000:]
-        raise HrnetTritonError(f"Locust failed at batch {batch}, concurrency {concurrency} (exit {run.returncode}): {tail}")
+        raise HrnetTritonError(
+            f"Locust failed at batch {batch}, concurrency {concurrency} (exit {run.returncode}): {tail}"
+        )
     with open(f"{prefix}_stats.csv", newline="") as fh:
         row = next(r for r in csv.DictReader(fh) if r["Name"] == "Aggregated")
     ok_per_s = float(row["Requests/s"]) - float(row["Failures/s"])
     queue_ms, compute_ms = server_split(before, after)
-    return Point(
-        batch, concurrency, int(row["Request Count"]), int(row["Failure Count"]), float(row["Requests/s"]),
-        ok_per_s * batch, float(row["50%"]), float(row["95%"]), float(row["99%"]), queue_ms, compute_ms,
-    )  # fmt: skip
+    latencies = (float(row["50%"]), float(row["95%"]), float(row["99%"]))
+    count, failures, rate = int(row["Request Count"]), int(row["Failure Count"]), float(row["Requests/s"])
+    return Point(batch, concurrency, count, failures, rate, ok_per_s * batch, *latencies, queue_ms, compute_ms)
 
 
 def write_results(points: list[Point], out: Path, title: str) -> list[Path]:
@@ -99,12 +117,17 @@ def write_results(points: list[Point], out: Path, title: str) -> list[Path]:
             writer = csv.DictWriter(fh, fieldnames=names)
             writer.writeheader()
             writer.writerows(asdict(p) for p in points)
-    lines = [f"{title}\n", "| batch | concurrency | images/s | requests/s | p50 ms | p95 ms | p99 ms | failures | "
-             "server queue ms | server compute ms |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        f"{title}\n",
+        "| batch | concurrency | images/s | requests/s | p50 ms | p95 ms | p99 ms | failures | "
+        "server queue ms | server compute ms |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for p in points:
         lines.append(
             f"| {p.batch_size} | {p.concurrency} | {p.images_per_s:.1f} | {p.requests_per_s:.2f} | {p.p50_ms:.0f} | "
-            f"{p.p95_ms:.0f} | {p.p99_ms:.0f} | {p.failures}/{p.requests} | {p.server_queue_ms:.0f} | {p.server_compute_ms:.0f} |"
+            f"{p.p95_ms:.0f} | {p.p99_ms:.0f} | {p.failures}/{p.requests} | {p.server_queue_ms:.0f} | "
+            f"{p.server_compute_ms:.0f} |"
         )
     atomic.write_text(out / "bench.md", "\n".join(lines) + "\n")
     _plot(points, out / "bench.png", title)
@@ -124,7 +147,13 @@ def _plot(points: list[Point], path: Path, title: str) -> None:
         for attr, style in (("p50_ms", "-o"), ("p95_ms", "--s"), ("p99_ms", ":^")):
             ax.plot(x, [getattr(p, attr) for p in row], style, label=f"batch {batch}, {attr[:3]}")
         for p in row:
-            ax.annotate(f"c={p.concurrency}", (p.images_per_s, p.p50_ms), textcoords="offset points", xytext=(4, -10), fontsize=7)
+            ax.annotate(
+                f"c={p.concurrency}",
+                (p.images_per_s, p.p50_ms),
+                textcoords="offset points",
+                xytext=(4, -10),
+                fontsize=7,
+            )
     ax.set_xlabel("throughput (images/s)")
     ax.set_ylabel("latency per request (ms)")
     ax.set_title(title, fontsize=9)
@@ -137,11 +166,18 @@ def _plot(points: list[Point], path: Path, title: str) -> None:
 
 
 def sweep(
-    url: str, model: str, *, protocol: str = "http", grpc_port: int = 8001, batch_sizes: list[int], concurrencies: list[int],
-    seconds: float, out: Path,
-) -> list[Point]:  # fmt: skip
-    if not LOCUSTFILE.is_file():
-        raise HrnetTritonError(f"{LOCUSTFILE} is missing; bench runs from a checkout of the project")
+    url: str,
+    model: str,
+    *,
+    protocol: str = "http",
+    grpc_port: int = 8001,
+    batch_sizes: list[int],
+    concurrencies: list[int],
+    seconds: float,
+    out: Path,
+) -> list[Point]:
+    if not locustfile().is_file():
+        raise HrnetTritonError(f"{locustfile()} is missing; reinstall hrnet-triton with the loadtest extra")
     url = url.rstrip("/") if "//" in url else f"http://{url}".rstrip("/")
     model_stats(url, model)  # fail early: no server, or no such model
     points = []
@@ -150,6 +186,24 @@ def sweep(
             for concurrency in concurrencies:
                 points.append(run_point(url, model, protocol, grpc_port, batch, concurrency, seconds, Path(tmp)))
                 p = points[-1]
-                log.info("batch %d, concurrency %d: %.1f images/s, p50 %.0f ms, p95 %.0f ms, queue %.0f ms, compute %.0f ms",
-                         batch, concurrency, p.images_per_s, p.p50_ms, p.p95_ms, p.server_queue_ms, p.server_compute_ms)  # fmt: skip
+                log.info(
+                    "batch %d, concurrency %d: %.1f images/s, p50 %.0f ms, p95 %.0f ms, queue %.0f ms, compute %.0f ms",
+                    batch,
+                    concurrency,
+                    p.images_per_s,
+                    p.p50_ms,
+                    p.p95_ms,
+                    p.server_queue_ms,
+                    p.server_compute_ms,
+                )
     return points
+
+
+def title_for(url: str, model: str, protocol: str, seconds: float) -> str:
+    from datetime import date
+    from platform import python_version
+
+    return (
+        f"{model} over {protocol.upper()} at {url}; Locust, {seconds:g} s per point; "
+        f"{date.today()}, Python {python_version()}"
+    )

@@ -27,7 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hrnet_triton.errors import HrnetTritonError
+from hrnet_core import release
+from hrnet_core.errors import HrnetTritonError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class TritonInstall:
         if spec is None or spec.origin is None:
             raise ServerError(
                 "no tritonserver found: install the nvidia-pytriton wheel for its binary with "
-                "`pip install --no-deps nvidia-pytriton==0.7.0`"
+                f"`pip install --no-deps nvidia-pytriton=={release.PYTRITON_VERSION}`"
             )
         root = Path(spec.origin).parent
         install = cls(
@@ -67,8 +68,10 @@ class TritonInstall:
 def serve_env_python_version(serve_env: Path) -> str:
     out = subprocess.run(
         [str(serve_env / "bin" / "python"), "-c", "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out.stdout.strip()
 
 
@@ -83,9 +86,15 @@ class LocalTritonServer:
     """A ``tritonserver`` child process on a model repository; a context manager."""
 
     def __init__(
-        self, repository: Path, *, serve_env: Path, ports: Ports = Ports(), log_file: Path | None = None,
-        forward_log: bool = False, args: Sequence[str] | None = None,
-    ):  # fmt: skip
+        self,
+        repository: Path,
+        *,
+        serve_env: Path,
+        ports: Ports = Ports(),
+        log_file: Path | None = None,
+        forward_log: bool = False,
+        args: Sequence[str] | None = None,
+    ):
         """``log_file`` receives the server's output; ``forward_log`` passes it to this process's stdout.
 
         ``args`` replaces the default server arguments (repository, ports, metrics, exit on error);
@@ -123,10 +132,18 @@ class LocalTritonServer:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(install.libs), env.get("LD_LIBRARY_PATH")) if p)
         env.pop("PYTHONHOME", None)
         default_args = [
-            f"--model-repository={self.repository}", f"--http-port={self.ports.http}", f"--grpc-port={self.ports.grpc}",
-            f"--metrics-port={self.ports.metrics}", "--allow-cpu-metrics=true", "--exit-on-error=true",
-        ]  # fmt: skip
-        cmd = [str(install.binary), f"--backend-directory={backend_dir}", *(self.args if self.args is not None else default_args)]
+            f"--model-repository={self.repository}",
+            f"--http-port={self.ports.http}",
+            f"--grpc-port={self.ports.grpc}",
+            f"--metrics-port={self.ports.metrics}",
+            "--allow-cpu-metrics=true",
+            "--exit-on-error=true",
+        ]
+        cmd = [
+            str(install.binary),
+            f"--backend-directory={backend_dir}",
+            *(self.args if self.args is not None else default_args),
+        ]
         if not self.repository.is_dir():
             raise ServerError(f"{self.repository}: no model repository there; write one with `hrnet-triton repo`")
         out = open(self.log_file, "wb") if self.log_file else (None if self.forward_log else subprocess.DEVNULL)
@@ -139,11 +156,18 @@ class LocalTritonServer:
         while time.monotonic() < deadline:
             assert self.process is not None
             if self.process.poll() is not None:
-                raise ServerError(f"tritonserver exited with code {self.process.returncode} while starting{self._log_hint()}")
+                raise ServerError(
+                    f"tritonserver exited with code {self.process.returncode} while starting{self._log_hint()}"
+                )
             try:
                 with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as resp:
                     if resp.status == 200:
-                        log.info("Triton ready: HTTP %s, gRPC :%d, metrics :%d", self.http_url, self.ports.grpc, self.ports.metrics)
+                        log.info(
+                            "Triton ready: HTTP %s, gRPC :%d, metrics :%d",
+                            self.http_url,
+                            self.ports.grpc,
+                            self.ports.metrics,
+                        )
                         return
             except (urllib.error.URLError, OSError):
                 pass
@@ -187,3 +211,12 @@ def default_serve_env() -> Path:
     if env:
         return Path(env)
     return Path(sys.prefix).parent / ".venv-serve"
+
+
+def sigterm_as_interrupt() -> None:
+    """Treat SIGTERM like Ctrl-C, so a server is stopped by the same clean-up path."""
+
+    def raise_interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, raise_interrupt)

@@ -22,16 +22,17 @@ import logging
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import grpc.experimental.gevent as grpc_gevent
 import numpy as np
 from locust import LoadTestShape, User, events, task
 from locust.runners import MasterRunner, WorkerRunner
 
-from hrnet_client.preprocess import load_tensor
-from hrnet_client.samples import sample_images
-from hrnet_triton.contract import INPUT_NAME, NUM_CLASSES, OUTPUT_NAME, PreprocessConfig
+from hrnet_client.served_model import Protocol, ServedModel, address, describe, new_client
+from hrnet_core.contract import INPUT_NAME, NUM_CLASSES, OUTPUT_NAME
+from hrnet_core.errors import HrnetTritonError
+from hrnet_core.preprocess import load_tensor
+from hrnet_core.samples import sample_images
 
 grpc_gevent.init_gevent()  # gRPC's own threads would block Locust's event loop otherwise
 
@@ -44,58 +45,51 @@ class LoadTestSetupError(Exception):
     """The load test cannot start: a message for the person running it, not a traceback."""
 
 
+# Every option, with its default and help; each also reads LOCUST_<NAME> (--batch-size: LOCUST_BATCH_SIZE).
+OPTIONS: dict[str, dict] = {
+    "--model": dict(default="HRNet_W18_C", help="the model's name on the server"),
+    "--protocol": dict(
+        choices=["http", "grpc"], default="http",
+        help="how requests are sent: HTTP to --host, or gRPC to --grpc-port on --host's machine",
+    ),
+    "--grpc-port": dict(type=int, default=8001, help="gRPC port on the --host's machine (default 8001)"),
+    "--batch-size": dict(type=int, default=1, help="images per request"),
+    "--payload": dict(
+        choices=["tensor", "tiny"], default="tensor",
+        help="tensor: the preprocessed images; tiny: a 1x1-pixel tensor per image, to measure the harness itself "
+        "against a model that accepts any size",
+    ),
+    "--images": dict(default="", help="a folder of images (default: the bundled sample photographs)"),
+    "--top-k": dict(
+        type=int, default=0, help="ask the server for the top-k (classification extension); 0: full probabilities"
+    ),
+    "--preprocess-in-loop": dict(action="store_true", help="decode and preprocess on every request, not once per user"),
+    "--shape": dict(
+        choices=["constant", "step", "ramp"], default="constant",
+        help="constant: -u users at once; step: add --step-users every --step-seconds up to -u; ramp: from 0 to -u "
+        "users linearly over --ramp-seconds",
+    ),
+    "--step-users": dict(type=int, default=1, help="with --shape step: users added at each step (default 1)"),
+    "--step-seconds": dict(type=float, default=30.0, help="with --shape step: seconds between steps (default 30)"),
+    "--ramp-seconds": dict(type=float, default=60.0, help="with --shape ramp: seconds from 0 to -u users (default 60)"),
+    "--max-p95-ms": dict(
+        type=float, default=0.0, help="exit non-zero if the 95th-percentile latency is above this (0: no limit)"
+    ),
+    "--max-failure-ratio": dict(
+        type=float, default=-1.0,
+        help="exit non-zero if more than this fraction of requests failed (default: any failure)",
+    ),
+}  # fmt: skip
+
+
 @events.init_command_line_parser.add_listener
 def _options(parser) -> None:
     group = parser.add_argument_group("HRNet on Triton")
-    group.add_argument("--model", env_var="LOCUST_MODEL", default="HRNet_W18_C", help="the model's name on the server")
-    group.add_argument("--protocol", env_var="LOCUST_PROTOCOL", choices=["http", "grpc"], default="http")
-    group.add_argument("--grpc-port", env_var="LOCUST_GRPC_PORT", type=int, default=8001,
-                       help="gRPC port on the --host's machine (default 8001)")
-    group.add_argument("--batch-size", env_var="LOCUST_BATCH_SIZE", type=int, default=1, help="images per request")
-    group.add_argument("--payload", env_var="LOCUST_PAYLOAD", choices=["tensor", "tiny"], default="tensor",
-                       help="tensor: the preprocessed images; tiny: a 1x1-pixel tensor per image, to measure the "
-                       "harness itself against a model that accepts any size")
-    group.add_argument("--images", env_var="LOCUST_IMAGES", default="",
-                       help="a folder of images (default: the bundled sample photographs)")
-    group.add_argument("--top-k", env_var="LOCUST_TOP_K", type=int, default=0,
-                       help="ask the server for the top-k (classification extension); 0: full probabilities")
-    group.add_argument("--preprocess-in-loop", env_var="LOCUST_PREPROCESS_IN_LOOP", action="store_true",
-                       help="decode and preprocess on every request, not once per user")
-    group.add_argument("--shape", env_var="LOCUST_SHAPE", choices=["constant", "step", "ramp"], default="constant",
-                       help="constant: -u users at once; step: add --step-users every --step-seconds up to -u; "
-                       "ramp: from 0 to -u users linearly over --ramp-seconds")
-    group.add_argument("--step-users", env_var="LOCUST_STEP_USERS", type=int, default=1)
-    group.add_argument("--step-seconds", env_var="LOCUST_STEP_SECONDS", type=float, default=30.0)
-    group.add_argument("--ramp-seconds", env_var="LOCUST_RAMP_SECONDS", type=float, default=60.0)
-    group.add_argument("--max-p95-ms", env_var="LOCUST_MAX_P95_MS", type=float, default=0.0,
-                       help="exit non-zero if the 95th-percentile latency is above this (0: no limit)")
-    group.add_argument("--max-failure-ratio", env_var="LOCUST_MAX_FAILURE_RATIO", type=float, default=-1.0,
-                       help="exit non-zero if more than this fraction of requests failed (default: any failure)")  # fmt: skip
+    for flag, settings in OPTIONS.items():
+        group.add_argument(flag, env_var="LOCUST_" + flag[2:].upper().replace("-", "_"), **settings)
 
 
 # -- setup shared by all users of one process ---------------------------------------------------
-
-
-def _addresses(options) -> tuple[str, str]:
-    """(host:port for the chosen protocol, the HTTP host:port) from --host and --protocol."""
-    if not options.host:
-        raise LoadTestSetupError("no --host: pass the Triton server, e.g. --host http://127.0.0.1:8000")
-    parts = urlsplit(options.host if "//" in options.host else f"http://{options.host}")
-    if not parts.hostname:
-        raise LoadTestSetupError(f"--host {options.host!r}: expected http://HOST:PORT")
-    http = f"{parts.hostname}:{parts.port or 8000}"
-    if options.protocol == "http":
-        return http, http
-    port = parts.port if parts.scheme == "grpc" and parts.port else options.grpc_port
-    return f"{parts.hostname}:{port}", http
-
-
-def _client(protocol: str, address: str):
-    if protocol == "http":
-        import tritonclient.http as tc
-    else:
-        import tritonclient.grpc as tc
-    return tc, tc.InferenceServerClient(address)
 
 
 def _image_files(folder: str) -> list[Path]:
@@ -117,36 +111,27 @@ class Workload:
     """What every user of a process sends: checked once per process, before any user starts."""
 
     def __init__(self, options):
-        from tritonclient.utils import InferenceServerException
-
         if options.batch_size < 1 or options.top_k < 0 or options.top_k > NUM_CLASSES:
             raise LoadTestSetupError("--batch-size must be >= 1 and --top-k within 0..1000")
+        if not options.host:
+            raise LoadTestSetupError("no --host: pass the Triton server, e.g. --host http://127.0.0.1:8000")
         self.options = options
-        self.address, http = _addresses(options)
+        self.protocol = Protocol(options.protocol)
         self.files = _image_files(options.images)
-        _, client = _client("http", http)
         try:
-            live = client.is_server_live()
-        except Exception as err:  # noqa: BLE001 - any failure to connect means the same thing here
-            raise LoadTestSetupError(f"no Triton server answers at {http} ({err}); start one, or fix --host") from err
-        if not live:
-            raise LoadTestSetupError(f"the Triton server at {http} is not live yet; wait for it, or fix --host")
-        try:
-            config = client.get_model_config(options.model)
-        except InferenceServerException as err:
-            names = sorted({m["name"] for m in client.get_model_repository_index()})
+            self.address = address(options.host, self.protocol, options.grpc_port)
+            client = new_client(self.address, self.protocol)
+            try:
+                self.model: ServedModel = describe(client, self.address, self.protocol, options.model, retries=0)
+            finally:
+                client.close()
+        except HrnetTritonError as err:
+            raise LoadTestSetupError(str(err)) from err
+        if options.batch_size > self.model.max_batch:
             raise LoadTestSetupError(
-                f"the server at {http} has no model {options.model!r}; it serves: {', '.join(names) or 'nothing'}"
-            ) from err
-        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-        try:
-            self.cfg = PreprocessConfig.from_parameters(params)
-        except ValueError as err:
-            raise LoadTestSetupError(f"{options.model} does not carry the HRNet preprocessing contract: {err}") from err
-        max_batch = int(config.get("max_batch_size", 0))
-        if options.batch_size > max_batch:
-            raise LoadTestSetupError(f"--batch-size {options.batch_size} is above {options.model}'s max_batch_size {max_batch}")
-        self.tensors = [load_tensor(p, self.cfg) for p in self.files]
+                f"--batch-size {options.batch_size} is above {options.model}'s max_batch_size {self.model.max_batch}"
+            )
+        self.tensors = [load_tensor(p, self.model.cfg) for p in self.files]
 
 
 _workload: Workload | None = None
@@ -176,12 +161,14 @@ def _check_before_start(environment, **_kwargs) -> None:
         _fail_setup(environment, err)
 
 
-# -- the users -----------------------------------------------------------------------------------
+# -- the answer checks and the client that reports to Locust ---------------------------------------
 
 
 def check_probabilities(probs: np.ndarray | None, batch: int) -> None:
     if probs is None or probs.shape != (batch, NUM_CLASSES):
-        raise AssertionError(f"expected probabilities of shape ({batch}, {NUM_CLASSES}), got {None if probs is None else probs.shape}")
+        raise AssertionError(
+            f"expected probabilities of shape ({batch}, {NUM_CLASSES}), got {None if probs is None else probs.shape}"
+        )
     if not np.isfinite(probs).all() or probs.min() < 0 or np.abs(probs.sum(axis=1) - 1).max() > 1e-3:
         raise AssertionError("the answer is not a probability distribution per image")
     if int(probs.argmax(axis=1).max()) >= NUM_CLASSES:
@@ -190,7 +177,9 @@ def check_probabilities(probs: np.ndarray | None, batch: int) -> None:
 
 def check_classification(entries: np.ndarray | None, batch: int, k: int) -> None:
     if entries is None or entries.shape != (batch, k):
-        raise AssertionError(f"expected ({batch}, {k}) classification entries, got {None if entries is None else entries.shape}")
+        raise AssertionError(
+            f"expected ({batch}, {k}) classification entries, got {None if entries is None else entries.shape}"
+        )
     for row in entries:
         probs = []
         for entry in row:
@@ -200,6 +189,43 @@ def check_classification(entries: np.ndarray | None, batch: int, k: int) -> None
             probs.append(float(value))
         if probs != sorted(probs, reverse=True) or not 0 <= probs[-1] <= probs[0] <= 1:
             raise AssertionError(f"top-k probabilities out of order or range: {probs}")
+
+
+class TritonLocustClient:
+    """A tritonclient that reports every request to Locust, with its answer checked."""
+
+    def __init__(self, environment, work: Workload):
+        o = environment.parsed_options
+        self.environment, self.model, self.k = environment, o.model, o.top_k
+        self.request_type = work.protocol.value.upper()
+        self.tc = work.protocol.module()
+        self.client = new_client(work.address, work.protocol)
+
+    def infer(self, batch: np.ndarray) -> None:
+        start, error, length = time.perf_counter(), None, 0
+        try:
+            inp = self.tc.InferInput(INPUT_NAME, list(batch.shape), "FP32")
+            inp.set_data_from_numpy(batch)
+            out = self.tc.InferRequestedOutput(OUTPUT_NAME, class_count=self.k)
+            answer = self.client.infer(self.model, [inp], outputs=[out]).as_numpy(OUTPUT_NAME)
+            if self.k:
+                check_classification(answer, len(batch), self.k)
+            else:
+                check_probabilities(answer, len(batch))
+            length = answer.nbytes
+        except Exception as err:  # noqa: BLE001 - every failure is reported to Locust, none escapes
+            error = err
+        self.environment.events.request.fire(
+            request_type=self.request_type,
+            name=self.model,
+            response_time=(time.perf_counter() - start) * 1000,
+            response_length=length,
+            exception=error,
+            context={"images": len(batch)},
+        )
+
+    def close(self) -> None:
+        self.client.close()
 
 
 class TritonUser(User):
@@ -213,8 +239,8 @@ class TritonUser(User):
             self.stop(force=True)
             return
         o = self.environment.parsed_options
-        self.protocol, self.batch, self.k = o.protocol, o.batch_size, o.top_k
-        self.tc, self.client = _client(o.protocol, self.work.address)
+        self.batch, self.tiny, self.in_loop = o.batch_size, o.payload == "tiny", o.preprocess_in_loop
+        self.client = TritonLocustClient(self.environment, self.work)
         self.next_images = itertools.cycle(range(len(self.work.files)))
 
     def on_stop(self) -> None:
@@ -222,38 +248,16 @@ class TritonUser(User):
             self.client.close()
 
     def _batch(self) -> np.ndarray:
-        if self.environment.parsed_options.payload == "tiny":
+        if self.tiny:
             return np.zeros((self.batch, 3, 1, 1), np.float32)
         picks = [next(self.next_images) for _ in range(self.batch)]
-        if self.environment.parsed_options.preprocess_in_loop:
-            return np.stack([load_tensor(self.work.files[i], self.work.cfg) for i in picks])
+        if self.in_loop:
+            return np.stack([load_tensor(self.work.files[i], self.work.model.cfg) for i in picks])
         return np.stack([self.work.tensors[i] for i in picks])
 
     @task
     def infer(self) -> None:
-        tc = self.tc
-        start = time.perf_counter()
-        error: Exception | None = None
-        length = 0
-        try:
-            x = self._batch()
-            inp = tc.InferInput(INPUT_NAME, list(x.shape), "FP32")
-            inp.set_data_from_numpy(x)
-            result = self.client.infer(self.work.options.model, [inp],
-                                       outputs=[tc.InferRequestedOutput(OUTPUT_NAME, class_count=self.k)])  # fmt: skip
-            out = result.as_numpy(OUTPUT_NAME)
-            if self.k:
-                check_classification(out, self.batch, self.k)
-            else:
-                check_probabilities(out, self.batch)
-            length = out.nbytes
-        except Exception as err:  # noqa: BLE001 - every failure is reported to Locust, none escapes
-            error = err
-        self.environment.events.request.fire(
-            request_type=self.protocol.upper(), name=self.work.options.model,
-            response_time=(time.perf_counter() - start) * 1000, response_length=length, exception=error,
-            context={"images": self.batch},
-        )  # fmt: skip
+        self.client.infer(self._batch())
 
 
 # -- load shapes ---------------------------------------------------------------------------------
@@ -292,9 +296,15 @@ def _report_and_judge(environment, **_kwargs) -> None:
         seconds = max(total.last_request_timestamp - total.start_time, 1e-9)
         log.info(
             "%s over %s: %d requests (%d failed), %.1f requests/s, %.1f images/s answered, p50 %.0f ms, p95 %.0f ms",
-            o.model, o.protocol, total.num_requests, total.num_failures, total.num_requests / seconds,
-            ok * o.batch_size / seconds, total.get_response_time_percentile(0.5), total.get_response_time_percentile(0.95),
-        )  # fmt: skip
+            o.model,
+            o.protocol,
+            total.num_requests,
+            total.num_failures,
+            total.num_requests / seconds,
+            ok * o.batch_size / seconds,
+            total.get_response_time_percentile(0.5),
+            total.get_response_time_percentile(0.95),
+        )
     crossed = []
     if o.max_p95_ms and total.num_requests and total.get_response_time_percentile(0.95) > o.max_p95_ms:
         crossed.append(f"p95 latency {total.get_response_time_percentile(0.95):.0f} ms > --max-p95-ms {o.max_p95_ms:g}")

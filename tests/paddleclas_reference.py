@@ -32,7 +32,9 @@ def paddleclas_root() -> Path:
     """The wheel's folder, found once (before any bare package module is registered)."""
     spec = importlib.util.find_spec("paddleclas")
     if spec is None or spec.origin is None:
-        pytest.skip("the paddleclas wheel (test-only reference) is not installed: pip install --no-deps paddleclas==2.6.0")
+        pytest.skip(
+            "the paddleclas wheel (test-only reference) is not installed: pip install --no-deps paddleclas==2.6.0"
+        )
     return Path(spec.origin).parent
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from hrnet_triton import atomic
+from hrnet_core import atomic
 
 
 def test_write_json_replaces_the_file_whole(tmp_path):

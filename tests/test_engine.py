@@ -11,14 +11,19 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
-from hrnet_build import engine
-from hrnet_build.engine import EngineError, PlanManifest, Precision, Profile
-from hrnet_build.repository import Target, write_repository
-from hrnet_triton import release, variants
+from hrnet_build import engine, repository
+from hrnet_build.engine import Precision
+from hrnet_build.repository import RepositoryOptions, Target, write_repository
+from hrnet_core import release, variants
+from hrnet_core.errors import EngineError, ManifestError, ParityError
+from hrnet_core.manifest import PlanManifest, Profile, manifest_path
+from hrnet_core.parity import ParityLimits, ParityReport
 from hrnet_triton.cli import main
 
 
-@pytest.mark.parametrize("max_batch,expected", [(1, (1, 1, 1)), (2, (1, 1, 2)), (8, (1, 4, 8)), (32, (1, 16, 32)), (48, (1, 16, 48))])
+@pytest.mark.parametrize(
+    "max_batch,expected", [(1, (1, 1, 1)), (2, (1, 1, 2)), (8, (1, 4, 8)), (32, (1, 16, 32)), (48, (1, 16, 48))]
+)
 def test_profile_for_max_puts_opt_at_the_middle_power_of_two(max_batch, expected):
     p = Profile.for_max(max_batch)
     assert (p.min, p.opt, p.max) == expected
@@ -26,9 +31,7 @@ def test_profile_for_max_puts_opt_at_the_middle_power_of_two(max_batch, expected
 
 
 def test_profile_opt_is_one_of_the_gpu_targets_preferred_batch_sizes():
-    from hrnet_build.repository import TARGETS
-
-    gpu = TARGETS[Target.GPU]
+    gpu = RepositoryOptions.for_target(Target.GPU)
     assert Profile.for_max(gpu.max_batch_size).opt in gpu.preferred_batch_sizes
 
 
@@ -43,12 +46,32 @@ def test_profile_rejects_disordered_shapes():
         Profile(1, 16, 8)
 
 
+_PARITY = ParityReport(
+    reference="ONNX Runtime",
+    candidate="TensorRT fp16",
+    images=("a.png",),
+    max_abs_dprob=1e-3,
+    top1_agree=1,
+    min_top5_overlap=5,
+    top5_identical=True,
+    min_top1_prob=0.2,
+    max_top1_prob=0.2,
+    limits=ParityLimits(max_abs_dprob=1e-2, min_top5_overlap=4),
+)
+
+
 def _manifest(**over) -> PlanManifest:
     base = dict(
-        variant="HRNet_W18_C", plan_file="HRNet_W18_C.sm75.fp16.plan", precision="fp16", profile=Profile(1, 16, 32),
-        tensorrt_version=release.TENSORRT_VERSION, gpu_name="Tesla T4", compute_capability="7.5",
-        onnx_sha256="0" * 64, parity={"max_abs_dprob": 1e-3},
-    )  # fmt: skip
+        variant="HRNet_W18_C",
+        plan_file="HRNet_W18_C.sm75.fp16.plan",
+        precision="fp16",
+        profile=Profile(1, 16, 32),
+        tensorrt_version=release.TENSORRT_VERSION,
+        gpu_name="Tesla T4",
+        compute_capability="7.5",
+        onnx_sha256="0" * 64,
+        parity=_PARITY,
+    )
     return PlanManifest(**{**base, **over})
 
 
@@ -61,12 +84,14 @@ def _built_plan(tmp_path, **manifest_over):
     plan = tmp_path / "HRNet_W18_C.sm75.fp16.plan"
     plan.write_bytes(b"a serialized engine")
     m = _manifest(onnx_sha256=sha256_file(onnx), **manifest_over)
-    engine.plan_manifest_path(plan).write_text(json.dumps(m.to_dict()))
+    manifest_path(plan).write_text(json.dumps(m.to_dict()))
     return onnx, plan
 
 
 def _stale(plan, onnx, precision=Precision.FP16, max_batch=32, trt=release.TENSORRT_VERSION, cc="7.5"):
-    return engine.stale_reason(plan, onnx, precision, Profile.for_max(max_batch), tensorrt_version=trt, compute_capability=cc)
+    return engine.stale_reason(
+        plan, onnx, precision, Profile.for_max(max_batch), tensorrt_version=trt, compute_capability=cc
+    )
 
 
 def test_a_plan_built_from_the_same_onnx_for_this_gpu_and_tensorrt_is_current(tmp_path):
@@ -93,36 +118,52 @@ def test_a_plan_from_a_re_exported_onnx_or_without_its_manifest_is_rebuilt(tmp_p
     onnx, plan = _built_plan(tmp_path)
     onnx.write_bytes(b"exported again, with other weights")
     assert _stale(plan, onnx) == "built from another HRNet_W18_C.onnx (sha256 differs)"
-    engine.plan_manifest_path(plan).write_text("{not json")
+    manifest_path(plan).write_text("{not json")
     assert "not a readable plan manifest" in _stale(plan, onnx)
-    engine.plan_manifest_path(plan).unlink()
+    manifest_path(plan).unlink()
     assert _stale(plan, onnx) == "not built yet"
 
 
 def test_cli_skip_if_current_still_needs_tensorrt_to_know_this_gpu(w18_offline, tmp_path, capsys):
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("tensorrt is installed here")
-    code = main(["engine", "HRNet_W18_C", "--onnx", str(w18_offline.onnx), "--out", str(tmp_path / "m.plan"), "--skip-if-current"])
+    code = main(
+        [
+            "engine",
+            "HRNet_W18_C",
+            "--onnx",
+            str(w18_offline.onnx),
+            "--out",
+            str(tmp_path / "m.plan"),
+            "--skip-if-current",
+        ]
+    )
     assert code == 1 and "tensorrt Python module is not installed" in capsys.readouterr().err
 
 
 def test_plan_manifest_round_trips_through_json(tmp_path):
     m = _manifest()
-    path = tmp_path / "x.plan.json"
-    path.write_text(json.dumps(m.to_dict()))
-    assert PlanManifest.read(path) == m
+    assert m.write(tmp_path / "x.plan") == tmp_path / "x.plan.json"
+    back = PlanManifest.read(tmp_path / "x.plan")
+    assert back == m and isinstance(back.parity.limits, ParityLimits) and back.profile == Profile(1, 16, 32)
+
+
+def test_a_manifest_of_another_kind_is_refused(tmp_path):
+    (tmp_path / "x.plan.json").write_text(json.dumps({**_manifest().to_dict(), "kind": "export"}))
+    with pytest.raises(ManifestError, match="not a plan manifest"):
+        PlanManifest.read(tmp_path / "x.plan")
 
 
 def test_plan_from_another_tensorrt_version_is_refused_with_the_reason():
     with pytest.raises(EngineError, match='TensorRT 10.3.0.26.*"engine plan file is not compatible".*build_plans.sh'):
-        engine.check_plan_manifest(_manifest(tensorrt_version="10.3.0.26"))
-    engine.check_plan_manifest(_manifest())
+        repository.check_plan_manifest(_manifest(tensorrt_version="10.3.0.26"))
+    repository.check_plan_manifest(_manifest())
 
 
 def test_unreadable_plan_manifest_says_to_rebuild(tmp_path):
     path = tmp_path / "x.plan.json"
     path.write_text("{not json")
-    with pytest.raises(EngineError, match="rebuild the plan"):
+    with pytest.raises(ManifestError, match="build the file again with `hrnet-triton engine`"):
         PlanManifest.read(path)
 
 
@@ -131,10 +172,11 @@ def test_onnx_without_a_dynamic_batch_is_refused(tmp_path):
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["probabilities"])], "g",
+        [helper.make_node("Identity", ["x"], ["probabilities"])],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 224, 224])],
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [1, 3, 224, 224])],
-    )  # fmt: skip
+    )
     path = tmp_path / "fixed.onnx"
     onnx.save(helper.make_model(graph), str(path))
     with pytest.raises(EngineError, match="batch dimension is fixed at 1"):
@@ -142,7 +184,7 @@ def test_onnx_without_a_dynamic_batch_is_refused(tmp_path):
 
 
 def test_exported_onnx_has_the_dynamic_batch_a_profile_needs(w18_offline):
-    engine.check_onnx_dynamic_batch(w18_offline.onnx)
+    assert engine.check_onnx_dynamic_batch(w18_offline.onnx) == "batch"
 
 
 def test_fp16_parity_allows_a_swap_below_top1_but_not_a_new_top1():
@@ -151,12 +193,12 @@ def test_fp16_parity_allows_a_swap_below_top1_but_not_a_new_top1():
     swapped = probs.copy()
     swapped[1, [4, 5]] = swapped[1, [5, 4]]  # near-equal 5th and 6th swap, as FP16 rounding can: overlap 4/5
     report = engine.plan_parity(probs, swapped, ["a", "b"], Precision.FP16)
-    assert report["min_top5_overlap"] == 4 and report["top1_identical"]
-    with pytest.raises(EngineError, match="not written"):
+    assert report.min_top5_overlap == 4 and report.top1_agree == 2 and report.passed
+    with pytest.raises(ParityError, match="the fp32 plan was not written"):
         engine.plan_parity(probs, swapped, ["a", "b"], Precision.FP32)
     new_top1 = probs.copy()
     new_top1[0, [0, 1]] = new_top1[0, [1, 0]]
-    with pytest.raises(EngineError, match="mismatch on \\['a'\\]"):
+    with pytest.raises(ParityError, match="failing on \\['a'\\]"):
         engine.plan_parity(probs, new_top1, ["a", "b"], Precision.FP16)
 
 
@@ -166,7 +208,9 @@ def test_gpu_repository_installs_one_plan_per_architecture(tmp_path):
     for cc, mx in (("7.5", 32), ("8.6", 16)):
         name = f"HRNet_W18_C.sm{cc.replace('.', '')}.fp16.plan"
         (plans / name).write_bytes(b"plan for " + cc.encode())
-        (plans / f"{name}.json").write_text(json.dumps(_manifest(plan_file=name, compute_capability=cc, profile=Profile.for_max(mx)).to_dict()))
+        (plans / f"{name}.json").write_text(
+            json.dumps(_manifest(plan_file=name, compute_capability=cc, profile=Profile.for_max(mx)).to_dict())
+        )
     write_repository(Target.GPU, [variants.get("HRNet_W18_C")], tmp_path / "repo", plans_dir=plans)
     model = tmp_path / "repo" / "HRNet_W18_C"
     cfg = text_format.Parse((model / "config.pbtxt").read_text(), pb.ModelConfig())
@@ -197,13 +241,15 @@ def test_cli_engine_without_tensorrt_names_the_container_command(w18_offline, tm
 
 
 def test_cli_engine_reports_a_missing_onnx(tmp_path, capsys):
-    assert main(["engine", "HRNet_W18_C", "--onnx", str(tmp_path / "none.onnx"), "--out", str(tmp_path / "m.plan")]) == 1
+    assert (
+        main(["engine", "HRNet_W18_C", "--onnx", str(tmp_path / "none.onnx"), "--out", str(tmp_path / "m.plan")]) == 1
+    )
     assert "no such ONNX model" in capsys.readouterr().err
 
 
 def _has_tensorrt_and_gpu() -> str | None:
     if importlib.util.find_spec("tensorrt") is None:
-        return "the tensorrt module is not installed (no registry here serves the TensorRT builder; see DESIGN.md)"
+        return "the tensorrt module is not installed (no package registry serves the TensorRT builder; docs/facts.md)"
     import ctypes
 
     try:
@@ -217,9 +263,12 @@ def _has_tensorrt_and_gpu() -> str | None:
 @pytest.mark.skipif(_has_tensorrt_and_gpu() is not None, reason=str(_has_tensorrt_and_gpu()))
 @pytest.mark.parametrize("precision", list(Precision), ids=lambda p: p.value)
 def test_engine_builds_a_plan_that_matches_onnxruntime(w18_offline, tmp_path, precision):
-    m = engine.engine(variants.get("HRNet_W18_C"), w18_offline.onnx, tmp_path / "m.plan", precision=precision, max_batch=8)
-    assert (tmp_path / "m.plan").stat().st_size > 0
-    assert m.parity["top1_identical"] and m.parity["min_top5_overlap"] >= engine.PARITY[precision].min_top5_overlap
+    result = engine.engine(
+        variants.get("HRNet_W18_C"), w18_offline.onnx, tmp_path / "m.plan", precision=precision, max_batch=8
+    )
+    m = result.manifest
+    assert result.built and (tmp_path / "m.plan").stat().st_size > 0
+    assert m.parity.passed and m.parity.min_top5_overlap >= engine.PARITY[precision].min_top5_overlap
     assert m.profile == Profile(1, 4, 8)
 
 
@@ -228,9 +277,21 @@ def test_repo_max_batch_above_the_plans_profile_is_an_error(tmp_path, capsys):
     plans.mkdir()
     (plans / "a.plan").write_bytes(b"x")
     (plans / "a.plan.json").write_text(json.dumps(_manifest(plan_file="a.plan", profile=Profile.for_max(16)).to_dict()))
-    args = ["repo", "--target", "gpu", "--variants", "HRNet_W18_C", "--plans-dir", str(plans), "--out", str(tmp_path / "r")]
+    args = [
+        "repo",
+        "--target",
+        "gpu",
+        "--variants",
+        "HRNet_W18_C",
+        "--plans-dir",
+        str(plans),
+        "--out",
+        str(tmp_path / "r"),
+    ]
     assert main([*args, "--max-batch", "32"]) == 1
-    assert "--max-batch 32 is above the optimisation profile of the HRNet_W18_C plans (max 16)" in capsys.readouterr().err
+    assert (
+        "--max-batch 32 is above the optimisation profile of the HRNet_W18_C plans (max 16)" in capsys.readouterr().err
+    )
     assert main([*args, "--max-batch", "8"]) == 0
     cfg = text_format.Parse((tmp_path / "r" / "HRNet_W18_C" / "config.pbtxt").read_text(), pb.ModelConfig())
     assert cfg.max_batch_size == 8

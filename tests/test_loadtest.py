@@ -1,55 +1,47 @@
-"""Real Locust runs (headless, short) of loadtest/hrnet.py against the real local Triton server."""
+"""Real Locust runs (headless, short) of loadtest/hrnet.py against the real local Triton cpu_server."""
 
 from __future__ import annotations
 
 import csv
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from hrnet_build.repository import Target, write_repository
-from hrnet_triton import variants
-from hrnet_triton.server import LocalTritonServer
-from test_repository import _free_ports, _serve_env
+from hrnet_core.contract import DEFAULT_PREPROCESS
 
-LOCUSTFILE = Path(__file__).resolve().parents[1] / "loadtest" / "hrnet.py"
 TRIVIAL = Path(__file__).resolve().parents[1] / "loadtest" / "trivial_repository" / "trivial"
-LOCUST = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE)]
-
-
-@pytest.fixture(scope="module")
-def server(w18_offline, tmp_path_factory):
-    root = tmp_path_factory.mktemp("loadtest")
-    write_repository(Target.CPU, [variants.get("HRNet_W18_C")], root / "repo", onnx_dir=w18_offline.onnx.parent)
-    shutil.copytree(TRIVIAL, root / "repo" / "trivial")  # served beside HRNet, as docs/loadtest.md measures it
-    with LocalTritonServer(root / "repo", serve_env=_serve_env(), ports=_free_ports(), log_file=root / "triton.log") as srv:
-        yield srv
-
-
-def _locust(args: list[str], cwd: Path, timeout: float = 120, **locust_env: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCUST_")} | locust_env
-    return subprocess.run([*LOCUST, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _aggregated(prefix: Path) -> dict[str, str]:
-    with open(f"{prefix}_stats.csv", newline="") as fh:
-        return next(row for row in csv.DictReader(fh) if row["Name"] == "Aggregated")
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_headless_run_reports_requests_without_failures(server, tmp_path, protocol):
+def test_headless_run_reports_requests_without_failures(cpu_server, tmp_path, protocol, run_locust, aggregated):
     prefix = tmp_path / "run"
-    run = _locust(
-        ["--host", server.http_url, "--grpc-port", str(server.ports.grpc), "--protocol", protocol, "--headless",
-         "-u", "2", "-r", "2", "-t", "8s", "--batch-size", "2", "--csv", str(prefix), "--html", str(tmp_path / "report.html")],
+    run = run_locust(
+        [
+            "--host",
+            cpu_server.http_url,
+            "--grpc-port",
+            str(cpu_server.ports.grpc),
+            "--protocol",
+            protocol,
+            "--headless",
+            "-u",
+            "2",
+            "-r",
+            "2",
+            "-t",
+            "8s",
+            "--batch-size",
+            "2",
+            "--csv",
+            str(prefix),
+            "--html",
+            str(tmp_path / "report.html"),
+        ],
         tmp_path,
-    )  # fmt: skip
+    )
     assert run.returncode == 0, run.stderr[-3000:]
-    row = _aggregated(prefix)
+    row = aggregated(prefix)
     assert int(row["Request Count"]) >= 2 and int(row["Failure Count"]) == 0
     assert float(row["50%"]) > 0 and float(row["95%"]) >= float(row["50%"])
     with open(f"{prefix}_stats.csv", newline="") as fh:
@@ -59,29 +51,72 @@ def test_headless_run_reports_requests_without_failures(server, tmp_path, protoc
     assert "Traceback" not in run.stderr
 
 
-def test_server_top_k_answers_are_checked_and_pass_with_preprocessing_in_the_loop(server, tmp_path):
-    run = _locust(["--host", server.http_url, "--headless", "-u", "1", "-t", "5s", "--top-k", "5", "--preprocess-in-loop",
-                   "--csv", str(tmp_path / "k")], tmp_path)  # fmt: skip
+def test_server_top_k_answers_are_checked_and_pass_with_preprocessing_in_the_loop(
+    cpu_server, tmp_path, run_locust, aggregated
+):
+    run = run_locust(
+        [
+            "--host",
+            cpu_server.http_url,
+            "--headless",
+            "-u",
+            "1",
+            "-t",
+            "5s",
+            "--top-k",
+            "5",
+            "--preprocess-in-loop",
+            "--csv",
+            str(tmp_path / "k"),
+        ],
+        tmp_path,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert int(_aggregated(tmp_path / "k")["Failure Count"]) == 0
+    assert int(aggregated(tmp_path / "k")["Failure Count"]) == 0
 
 
-def test_crossed_p95_threshold_exits_non_zero(server, tmp_path):
-    run = _locust(["--host", server.http_url, "--headless", "-u", "1", "-t", "4s", "--max-p95-ms", "1"], tmp_path)
+def test_crossed_p95_threshold_exits_non_zero(cpu_server, tmp_path, run_locust):
+    run = run_locust(
+        ["--host", cpu_server.http_url, "--headless", "-u", "1", "-t", "4s", "--max-p95-ms", "1"], tmp_path
+    )
     assert run.returncode == 3
     assert "threshold crossed: p95 latency" in run.stderr and "> --max-p95-ms 1" in run.stderr
 
 
-def test_distributed_master_and_worker_share_the_load(server, tmp_path):
-    port = _free_ports().http
-    common = ["--host", server.http_url]
+def test_distributed_master_and_worker_share_the_load(cpu_server, tmp_path, aggregated, free_ports, locust_command):
+    port = free_ports().http
+    common = ["--host", cpu_server.http_url]
     master = subprocess.Popen(
-        [*LOCUST, *common, "--master", "--master-bind-port", str(port), "--headless", "--expect-workers", "1", "-u", "2", "-r", "2", "-t", "8s",
-         "--csv", str(tmp_path / "dist")],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    worker = subprocess.Popen([*LOCUST, *common, "--worker", "--master-host", "127.0.0.1", "--master-port", str(port)], cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        [
+            *locust_command,
+            *common,
+            "--master",
+            "--master-bind-port",
+            str(port),
+            "--headless",
+            "--expect-workers",
+            "1",
+            "-u",
+            "2",
+            "-r",
+            "2",
+            "-t",
+            "8s",
+            "--csv",
+            str(tmp_path / "dist"),
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    worker = subprocess.Popen(
+        [*locust_command, *common, "--worker", "--master-host", "127.0.0.1", "--master-port", str(port)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _, master_err = master.communicate(timeout=120)
         worker.communicate(timeout=60)
@@ -90,27 +125,27 @@ def test_distributed_master_and_worker_share_the_load(server, tmp_path):
             if proc.poll() is None:
                 proc.kill()
     assert master.returncode == 0, master_err[-3000:]
-    row = _aggregated(tmp_path / "dist")
+    row = aggregated(tmp_path / "dist")
     assert int(row["Request Count"]) >= 2 and int(row["Failure Count"]) == 0
 
 
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (["--model", "HRNet_W99_C"], "has no model 'HRNet_W99_C'; it serves: HRNet_W18_C"),
+        (["--model", "HRNet_W99_C"], "it serves: HRNet_W18_C, trivial"),
         (["--images", "EMPTY"], "no images there"),
         (["--host", "http://127.0.0.1:PORT"], "no Triton server answers at 127.0.0.1:PORT"),
     ],
     ids=["unknown-model", "empty-folder", "server-down"],
 )
-def test_bad_setup_is_one_clear_message_not_tracebacks(server, tmp_path, extra, message):
+def test_bad_setup_is_one_clear_message_not_tracebacks(cpu_server, tmp_path, extra, message, run_locust, free_ports):
     (tmp_path / "EMPTY").mkdir()
     (tmp_path / "EMPTY" / "notes.txt").write_text("not an image")
-    down = str(_free_ports().http)
+    down = str(free_ports().http)
     extra = [a.replace("EMPTY", str(tmp_path / "EMPTY")).replace("PORT", down) for a in extra]
     message = message.replace("PORT", down)
-    host = [] if "--host" in extra else ["--host", server.http_url]
-    run = _locust([*host, *extra, "--headless", "-u", "2", "-t", "5s"], tmp_path)
+    host = [] if "--host" in extra else ["--host", cpu_server.http_url]
+    run = run_locust([*host, *extra, "--headless", "-u", "2", "-t", "5s"], tmp_path)
     assert run.returncode == 2
     assert message in run.stderr
     assert "Traceback" not in run.stderr and "Greenlet" not in run.stderr
@@ -120,34 +155,66 @@ def test_trivial_model_config_is_a_valid_triton_config_with_the_contract():
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    from hrnet_triton.contract import INPUT_NAME, OUTPUT_NAME, PreprocessConfig
+    from hrnet_core.contract import INPUT_NAME, OUTPUT_NAME, PreprocessConfig
 
     cfg = text_format.Parse((TRIVIAL / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
-    assert cfg.name == "trivial" and [i.name for i in cfg.input] == [INPUT_NAME] and [o.name for o in cfg.output] == [OUTPUT_NAME]
-    assert PreprocessConfig.from_parameters({k: v.string_value for k, v in cfg.parameters.items()})
+    assert (
+        cfg.name == "trivial"
+        and [i.name for i in cfg.input] == [INPUT_NAME]
+        and [o.name for o in cfg.output] == [OUTPUT_NAME]
+    )
+    assert PreprocessConfig.from_triton_config(cfg) == DEFAULT_PREPROCESS
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_tiny_payload_against_the_trivial_model_passes_the_answer_checks(server, tmp_path, protocol):
-    run = _locust(
-        ["--host", server.http_url, "--grpc-port", str(server.ports.grpc), "--protocol", protocol, "--model", "trivial",
-         "--payload", "tiny", "--batch-size", "4", "--headless", "-u", "2", "-r", "2", "-t", "3s", "--csv", str(tmp_path / "t")],
+def test_tiny_payload_against_the_trivial_model_passes_the_answer_checks(
+    cpu_server, tmp_path, protocol, run_locust, aggregated
+):
+    run = run_locust(
+        [
+            "--host",
+            cpu_server.http_url,
+            "--grpc-port",
+            str(cpu_server.ports.grpc),
+            "--protocol",
+            protocol,
+            "--model",
+            "trivial",
+            "--payload",
+            "tiny",
+            "--batch-size",
+            "4",
+            "--headless",
+            "-u",
+            "2",
+            "-r",
+            "2",
+            "-t",
+            "3s",
+            "--csv",
+            str(tmp_path / "t"),
+        ],
         tmp_path,
-    )  # fmt: skip
+    )
     assert run.returncode == 0, run.stderr[-3000:]
-    row = _aggregated(tmp_path / "t")
+    row = aggregated(tmp_path / "t")
     assert int(row["Request Count"]) > 10 and int(row["Failure Count"]) == 0
 
 
-def test_web_ui_mode_swarms_from_the_form_and_reports(server, tmp_path):
+def test_web_ui_mode_swarms_from_the_form_and_reports(cpu_server, tmp_path, free_ports, locust_command):
     import json
     import time
     import urllib.parse
     import urllib.request
 
-    port = _free_ports().http
-    proc = subprocess.Popen([*LOCUST, "--host", server.http_url, "--web-host", "127.0.0.1", "--web-port", str(port)],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    port = free_ports().http
+    proc = subprocess.Popen(
+        [*locust_command, "--host", cpu_server.http_url, "--web-host", "127.0.0.1", "--web-port", str(port)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     ui = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -158,7 +225,7 @@ def test_web_ui_mode_swarms_from_the_form_and_reports(server, tmp_path):
             except OSError:
                 assert time.monotonic() < deadline and proc.poll() is None, "the web UI never came up"
                 time.sleep(0.5)
-        form = urllib.parse.urlencode({"user_count": 2, "spawn_rate": 2, "host": server.http_url}).encode()
+        form = urllib.parse.urlencode({"user_count": 2, "spawn_rate": 2, "host": cpu_server.http_url}).encode()
         with urllib.request.urlopen(urllib.request.Request(f"{ui}/swarm", data=form), timeout=10) as r:
             assert json.load(r)["success"]
         while True:
@@ -174,12 +241,27 @@ def test_web_ui_mode_swarms_from_the_form_and_reports(server, tmp_path):
         proc.communicate()
 
 
-def test_bench_sweeps_with_locust_and_splits_server_time(server, tmp_path, capsys):
+def test_bench_sweeps_with_locust_and_splits_server_time(cpu_server, tmp_path, capsys):
     from hrnet_triton.cli import main
 
     out = tmp_path / "bench"
-    code = main(["bench", "--url", server.http_url, "--model", "HRNet_W18_C", "--batch-sizes", "1,2",
-                 "--concurrency", "1,2", "--seconds", "4", "--out", str(out)])  # fmt: skip
+    code = main(
+        [
+            "bench",
+            "--url",
+            cpu_server.http_url,
+            "--model",
+            "HRNet_W18_C",
+            "--batch-sizes",
+            "1,2",
+            "--concurrency",
+            "1,2",
+            "--seconds",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     with open(out / "bench.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -194,27 +276,47 @@ def test_bench_sweeps_with_locust_and_splits_server_time(server, tmp_path, capsy
     assert "| batch | concurrency | images/s |" in capsys.readouterr().out
 
 
-def test_bench_without_a_server_says_so(tmp_path, capsys):
+def test_bench_without_a_server_says_so(tmp_path, capsys, free_ports):
     from hrnet_triton.cli import main
 
-    port = _free_ports().http
+    port = free_ports().http
     assert main(["bench", "--url", f"http://127.0.0.1:{port}", "--out", str(tmp_path)]) == 1
     assert f"no Triton server answers at http://127.0.0.1:{port}" in capsys.readouterr().err
 
 
-def test_options_come_from_locust_environment_variables(server, tmp_path):
-    run = _locust(["--host", server.http_url, "--headless", "-u", "1", "-t", "3s"], tmp_path, LOCUST_MODEL="HRNet_W99_C")
+def test_options_come_from_locust_environment_variables(cpu_server, tmp_path, run_locust):
+    run = run_locust(
+        ["--host", cpu_server.http_url, "--headless", "-u", "1", "-t", "3s"], tmp_path, LOCUST_MODEL="HRNet_W99_C"
+    )
     assert run.returncode == 2 and "has no model 'HRNet_W99_C'" in run.stderr
 
 
-def test_step_shape_adds_users_step_by_step(server, tmp_path):
-    run = _locust(
-        ["--host", server.http_url, "--headless", "-u", "3", "-t", "8s", "--shape", "step", "--step-users", "1",
-         "--step-seconds", "2.5", "--csv", str(tmp_path / "s"), "--csv-full-history"],
+def test_step_shape_adds_users_step_by_step(cpu_server, tmp_path, run_locust):
+    run = run_locust(
+        [
+            "--host",
+            cpu_server.http_url,
+            "--headless",
+            "-u",
+            "3",
+            "-t",
+            "8s",
+            "--shape",
+            "step",
+            "--step-users",
+            "1",
+            "--step-seconds",
+            "2.5",
+            "--csv",
+            str(tmp_path / "s"),
+            "--csv-full-history",
+        ],
         tmp_path,
-    )  # fmt: skip
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     with open(tmp_path / "s_stats_history.csv", newline="") as fh:
-        counts = [int(r["User Count"]) for r in csv.DictReader(fh) if r["Name"] == "Aggregated" and int(r["User Count"])]
+        counts = [
+            int(r["User Count"]) for r in csv.DictReader(fh) if r["Name"] == "Aggregated" and int(r["User Count"])
+        ]
     steps = [c for i, c in enumerate(counts) if i == 0 or c != counts[i - 1]]
     assert steps[:3] == [1, 2, 3], counts

@@ -7,7 +7,8 @@ import paddle
 import pytest
 
 from hrnet_build.network import build, parameter_count
-from hrnet_triton import variants
+from hrnet_core import variants
+
 from paddleclas_reference import build_reference, load_hrnet_module
 
 ARCHS = sorted({(v.width, v.has_se) for v in variants.VARIANTS})

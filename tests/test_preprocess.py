@@ -4,7 +4,10 @@ import cv2
 import numpy as np
 import pytest
 
-from hrnet_client.preprocess import (
+from hrnet_core.contract import DEFAULT_PREPROCESS, PreprocessConfig
+from hrnet_core.errors import ImageError
+from hrnet_core.labels import Labels, imagenet_labels
+from hrnet_core.preprocess import (
     MAX_PIXELS,
     center_crop,
     decode,
@@ -14,9 +17,7 @@ from hrnet_client.preprocess import (
     read_image,
     resize_short,
 )
-from hrnet_client.samples import sample_images
-from hrnet_triton.contract import DEFAULT_PREPROCESS, Labels, PreprocessConfig, imagenet_labels
-from hrnet_triton.errors import ImageError
+from hrnet_core.samples import sample_images
 
 
 def test_preprocess_gives_float32_chw_224_for_every_sample():
@@ -58,7 +59,11 @@ def test_decode_returns_rgb_order():
 
 @pytest.mark.parametrize(
     "content,message",
-    [(b"", "the file is empty"), (b"hello, not an image", "not a decodable image"), (b"%PDF-1.4", "not a decodable image")],
+    [
+        (b"", "the file is empty"),
+        (b"hello, not an image", "not a decodable image"),
+        (b"%PDF-1.4", "not a decodable image"),
+    ],
 )
 def test_bad_files_raise_image_error_naming_the_file(tmp_path, content, message):
     path = tmp_path / "bad.jpg"
@@ -147,7 +152,9 @@ def _odd_images(tmp_path):
     cases = {}
     _write(p := tmp_path / "gray.png", gray)
     cases["grayscale"] = (p, np.dstack([gray] * 3))
-    _write(p := tmp_path / "rgba.png", np.dstack([rgb, np.arange(rgb.size // 3, dtype=np.uint8).reshape(rgb.shape[:2])]))
+    _write(
+        p := tmp_path / "rgba.png", np.dstack([rgb, np.arange(rgb.size // 3, dtype=np.uint8).reshape(rgb.shape[:2])])
+    )
     cases["RGBA (alpha dropped, not composited)"] = (p, rgb)
     _write(p := tmp_path / "deep.png", rgb.astype(np.uint16) * 257 + 100)
     cases["16-bit PNG (high byte kept)"] = (p, ((rgb.astype(np.uint16) * 257 + 100) >> 8).astype(np.uint8))
@@ -179,7 +186,10 @@ def test_exif_orientation_is_applied(tmp_path):
     path, _ = _odd_images(tmp_path)["EXIF orientation 6"]
     rgb = read_image(path)
     assert rgb.shape[:2] == (451, 300)  # stored 451 wide, displayed 300 wide
-    upright = cv2.rotate(cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION), cv2.ROTATE_90_CLOCKWISE)
+    upright = cv2.rotate(
+        cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION),
+        cv2.ROTATE_90_CLOCKWISE,
+    )
     assert np.array_equal(rgb, upright[:, :, ::-1])
 
 
@@ -188,24 +198,13 @@ def test_cmyk_jpeg_keeps_its_colours(tmp_path):
     assert np.abs(read_image(path).astype(int) - _photo()).mean() < 3  # JPEG loss only, no inversion
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height, with a few KB of a deflated all-zero image:
-    decoding it for real would need width*height*3 bytes."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\0" * 1_000_000, 9)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
-def test_decompression_bomb_is_refused_from_its_header(tmp_path):
+def test_decompression_bomb_is_refused_from_its_header(tmp_path, png_header_only):
     bomb = tmp_path / "bomb.png"
-    bomb.write_bytes(_png_header_only(100_000, 100_000))
-    with pytest.raises(ImageError, match=r"bomb.png: the header says 100000x100000 = 10,000,000,000 pixels, over the limit of 89,478,485"):
+    bomb.write_bytes(png_header_only(100_000, 100_000))
+    with pytest.raises(
+        ImageError,
+        match=r"bomb.png: the header says 100000x100000 = 10,000,000,000 pixels, over the limit of 89,478,485",
+    ):
         load_tensor(bomb)
 
 

@@ -7,48 +7,53 @@ import json
 import numpy as np
 import pytest
 
-from hrnet_build.export import onnxruntime_predict
-from hrnet_build.repository import Target, write_repository
-from hrnet_client.preprocess import preprocess_files
-from hrnet_client.samples import sample_images
-from hrnet_client.triton import Protocol, ServerUnavailableError, TritonClassifier, UnknownModelError, host_port
-from hrnet_triton import variants
+from hrnet_build.repository import RepositoryOptions, Target, write_repository
+from hrnet_client.served_model import Protocol, ServerUnavailableError, UnknownModelError, address
+from hrnet_client.triton import TritonClassifier
+from hrnet_core import variants
+from hrnet_core.preprocess import preprocess_files
+from hrnet_core.runtime import OnnxRuntimeRunner
+from hrnet_core.samples import sample_images
 from hrnet_triton.cli import main
 from hrnet_triton.server import LocalTritonServer
-from test_repository import _free_ports, _serve_env
-
-
-@pytest.fixture(scope="module")
-def server(w18_offline, tmp_path_factory):
-    env = _serve_env()
-    root = tmp_path_factory.mktemp("served")
-    write_repository(Target.CPU, [variants.get("HRNet_W18_C")], root / "repo", onnx_dir=w18_offline.onnx.parent)
-    with LocalTritonServer(root / "repo", serve_env=env, ports=_free_ports(), log_file=root / "triton.log") as srv:
-        yield srv
 
 
 @pytest.mark.parametrize("protocol", list(Protocol), ids=lambda p: p.value)
 @pytest.mark.parametrize("batch_size", [1, 3])
-def test_served_probabilities_equal_onnxruntime_in_process(server, w18_offline, protocol, batch_size):
-    port = server.ports.http if protocol is Protocol.HTTP else server.ports.grpc
+def test_served_probabilities_equal_onnxruntime_in_process(cpu_server, w18_offline, protocol, batch_size):
+    port = cpu_server.ports.http if protocol is Protocol.HTTP else cpu_server.ports.grpc
     clf = TritonClassifier(f"127.0.0.1:{port}", "HRNet_W18_C", protocol)
     assert clf.max_batch == 8 and clf.cfg.resize_short == 256  # read from the server's config
     paths = sample_images()
     preds = clf.classify_files(paths, k=5, batch_size=batch_size)
-    expected = onnxruntime_predict(w18_offline.onnx, preprocess_files(paths))
-    got = clf.probabilities(preprocess_files(paths))
+    expected = OnnxRuntimeRunner(w18_offline.onnx).run(preprocess_files(paths))
+    got = clf.run(preprocess_files(paths))
     np.testing.assert_allclose(got, expected, atol=1e-5)
     for pred, row in zip(preds, expected):
         assert [g.class_id for g in pred.top] == list(np.argsort(-row, kind="stable")[:5])
 
 
-def test_cli_classify_over_http_and_grpc_gives_the_same_answer(server, tmp_path, capsys):
+def test_cli_classify_over_http_and_grpc_gives_the_same_answer(cpu_server, tmp_path, capsys):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
     results = {}
-    for protocol, port in (("http", server.ports.http), ("grpc", server.ports.grpc)):
-        code = main(["classify", str(bad), "--samples", "--url", f"127.0.0.1:{port}", "--model", "HRNet_W18_C",
-                     "--protocol", protocol, "--json", "--top-k", "3"])  # fmt: skip
+    for protocol, port in (("http", cpu_server.ports.http), ("grpc", cpu_server.ports.grpc)):
+        code = main(
+            [
+                "classify",
+                str(bad),
+                "--samples",
+                "--url",
+                f"127.0.0.1:{port}",
+                "--model",
+                "HRNet_W18_C",
+                "--protocol",
+                protocol,
+                "--json",
+                "--top-k",
+                "3",
+            ]
+        )
         assert code == 2  # the bad file; the others were classified
         results[protocol] = json.loads(capsys.readouterr().out)
     assert results["http"][0]["error"] and "bad.png" in results["http"][0]["error"]
@@ -57,26 +62,29 @@ def test_cli_classify_over_http_and_grpc_gives_the_same_answer(server, tmp_path,
     assert len(results["http"]) == 1 + len(sample_images())
 
 
-def test_unknown_model_lists_what_the_server_has(server):
+def test_unknown_model_lists_what_the_server_has(cpu_server):
     with pytest.raises(UnknownModelError, match="no model 'HRNet_W99_C'.*it serves: HRNet_W18_C"):
-        TritonClassifier(server.http_url, "HRNet_W99_C")
+        TritonClassifier(cpu_server.http_url, "HRNet_W99_C")
 
 
-def test_server_that_is_down_is_reported_after_retries():
-    from test_repository import _free_ports as free
-
-    port = free().http  # nothing listens there
-    with pytest.raises(ServerUnavailableError, match=f"no Triton server answers at 127.0.0.1:{port} over http after 2 tries"):
+def test_server_that_is_down_is_reported_after_retries(free_ports):
+    port = free_ports().http  # nothing listens there
+    with pytest.raises(
+        ServerUnavailableError, match=f"no Triton server answers at 127.0.0.1:{port} over http after 2 tries"
+    ):
         TritonClassifier(f"127.0.0.1:{port}", "HRNet_W18_C", retries=1)
 
 
-def test_host_port_accepts_urls_and_fills_default_ports():
-    assert host_port("http://example:9000", Protocol.HTTP) == "example:9000"
-    assert host_port("localhost", Protocol.GRPC) == "localhost:8001"
-    assert host_port("localhost", Protocol.HTTP) == "localhost:8000"
+def test_address_accepts_urls_and_fills_default_ports():
+    assert address("http://example:9000", Protocol.HTTP) == "example:9000"
+    assert address("localhost", Protocol.GRPC) == "localhost:8001"
+    assert address("localhost", Protocol.HTTP) == "localhost:8000"
+    # Locust's --host is the HTTP address; gRPC goes to --grpc-port unless the URL says grpc://
+    assert address("http://example:8000", Protocol.GRPC, grpc_port=9001) == "example:9001"
+    assert address("grpc://example:7001", Protocol.GRPC, grpc_port=9001) == "example:7001"
 
 
-def test_serve_runs_until_sigterm_and_leaves_no_orphan(w18_offline, tmp_path):
+def test_serve_runs_until_sigterm_and_leaves_no_orphan(w18_offline, tmp_path, serve_env, free_ports):
     import os
     import signal
     import subprocess
@@ -84,12 +92,26 @@ def test_serve_runs_until_sigterm_and_leaves_no_orphan(w18_offline, tmp_path):
     import time
     import urllib.request
 
-    env_dir = _serve_env()
+    env_dir = serve_env
     repo = tmp_path / "repo"
     write_repository(Target.CPU, [variants.get("HRNet_W18_C")], repo, onnx_dir=w18_offline.onnx.parent)
-    ports = _free_ports()
-    cmd = [sys.executable, "-m", "hrnet_triton.cli", "serve", "--repo", str(repo), "--serve-env", str(env_dir),
-           "--http-port", str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics)]  # fmt: skip
+    ports = free_ports()
+    cmd = [
+        sys.executable,
+        "-m",
+        "hrnet_triton.cli",
+        "serve",
+        "--repo",
+        str(repo),
+        "--serve-env",
+        str(env_dir),
+        "--http-port",
+        str(ports.http),
+        "--grpc-port",
+        str(ports.grpc),
+        "--metrics-port",
+        str(ports.metrics),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
@@ -110,28 +132,26 @@ def test_serve_runs_until_sigterm_and_leaves_no_orphan(w18_offline, tmp_path):
     assert leftovers.strip() == "", f"orphan tritonserver processes: {leftovers}"
 
 
-def test_serve_gpu_target_explains_what_it_needs(capsys):
-    assert main(["serve", "--repo", "model_repository", "--target", "gpu"]) == 1
-    err = capsys.readouterr().err
-    assert "needs Docker and an NVIDIA GPU" in err and "nvcr.io/nvidia/tritonserver:24.10-py3" in err
-
-
-@pytest.mark.gpu
-@pytest.mark.skip(reason="needs a Docker engine and an NVIDIA GPU with TensorRT plans; no machine here has them")
-def test_ngc_container_serves_the_gpu_repository():  # pragma: no cover - documented, not runnable here
-    raise AssertionError("run on a GPU host: see docs/repository.md")
-
-
-def test_demo_serves_and_classifies_over_both_protocols(w18_offline, tmp_path, capsys):
+def test_demo_serves_and_classifies_over_both_protocols(w18_offline, tmp_path, capsys, serve_env, free_ports):
     import shutil
 
-    _serve_env()
     out = tmp_path / "artifacts"
     out.mkdir()
     shutil.copy(w18_offline.onnx, out / "HRNet_W18_C.onnx")  # the demo exports only if the model is missing
-    ports = _free_ports()
-    code = main(["demo", "--out", str(out), "--http-port", str(ports.http), "--grpc-port", str(ports.grpc),
-                 "--metrics-port", str(ports.metrics)])  # fmt: skip
+    ports = free_ports()
+    code = main(
+        [
+            "demo",
+            "--out",
+            str(out),
+            "--http-port",
+            str(ports.http),
+            "--grpc-port",
+            str(ports.grpc),
+            "--metrics-port",
+            str(ports.metrics),
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     assert "== over HTTP ==" in printed and "== over GRPC ==" in printed
@@ -140,29 +160,29 @@ def test_demo_serves_and_classifies_over_both_protocols(w18_offline, tmp_path, c
 
 
 @pytest.mark.parametrize("protocol", list(Protocol), ids=lambda p: p.value)
-def test_concurrent_requests_through_shared_memory_equal_onnxruntime(server, w18_offline, protocol):
-    port = server.ports.http if protocol is Protocol.HTTP else server.ports.grpc
+def test_concurrent_requests_through_shared_memory_equal_onnxruntime(cpu_server, w18_offline, protocol):
+    port = cpu_server.ports.http if protocol is Protocol.HTTP else cpu_server.ports.grpc
     x = preprocess_files(sample_images())
     batch = np.concatenate([x, x[::-1], x])  # 21 images: three requests of 8, 8 and 5
-    expected = onnxruntime_predict(w18_offline.onnx, batch)
+    expected = OnnxRuntimeRunner(w18_offline.onnx).run(batch)
     with TritonClassifier(f"127.0.0.1:{port}", "HRNet_W18_C", protocol, concurrency=3, shared_memory=True) as clf:
-        regions = _shared_memory_regions(server)
+        regions = _shared_memory_regions(cpu_server)
         assert len([r for r in regions if r.startswith("hrnet-")]) == 6  # an input and an output per lane
-        np.testing.assert_allclose(clf.probabilities(batch), expected, atol=1e-5)
-    assert _shared_memory_regions(server) == [], "close() leaves regions registered"
+        np.testing.assert_allclose(clf.run(batch), expected, atol=1e-5)
+    assert _shared_memory_regions(cpu_server) == [], "close() leaves regions registered"
     assert not [f for f in __import__("os").listdir("/dev/shm") if f.startswith("hrnet-")]
 
 
-def _shared_memory_regions(server) -> list[str]:
+def _shared_memory_regions(cpu_server) -> list[str]:
     import tritonclient.http as httpclient
 
-    status = httpclient.InferenceServerClient(f"127.0.0.1:{server.ports.http}").get_system_shared_memory_status()
+    status = httpclient.InferenceServerClient(f"127.0.0.1:{cpu_server.ports.http}").get_system_shared_memory_status()
     return sorted(r["name"] for r in status)
 
 
 @pytest.mark.parametrize("protocol", list(Protocol), ids=lambda p: p.value)
-def test_server_top_k_is_the_client_top_k(server, protocol):
-    port = server.ports.http if protocol is Protocol.HTTP else server.ports.grpc
+def test_server_top_k_is_the_client_top_k(cpu_server, protocol):
+    port = cpu_server.ports.http if protocol is Protocol.HTTP else cpu_server.ports.grpc
     by_client = TritonClassifier(f"127.0.0.1:{port}", "HRNet_W18_C", protocol).classify_files(sample_images(), k=5)
     with TritonClassifier(f"127.0.0.1:{port}", "HRNet_W18_C", protocol, server_top_k=True, concurrency=2) as clf:
         by_server = clf.classify_files(sample_images(), k=5, batch_size=3)
@@ -172,25 +192,25 @@ def test_server_top_k_is_the_client_top_k(server, protocol):
         np.testing.assert_allclose([g.probability for g in a.top], [g.probability for g in b.top], atol=1e-6)
 
 
-def test_wrong_shapes_and_dtypes_are_refused_before_sending(server):
+def test_wrong_shapes_and_dtypes_are_refused_before_sending(cpu_server):
     from hrnet_client.triton import InferenceError
 
-    clf = TritonClassifier(server.http_url, "HRNet_W18_C")
+    clf = TritonClassifier(cpu_server.http_url, "HRNet_W18_C")
     with pytest.raises(InferenceError, match=r"shape \(N>=1, 3, 224, 224\), got float32 \(2, 3, 256, 256\)"):
-        clf.probabilities(np.zeros((2, 3, 256, 256), np.float32))
+        clf.run(np.zeros((2, 3, 256, 256), np.float32))
     with pytest.raises(InferenceError, match="takes float32 tensors, got float64"):
-        clf.probabilities(np.zeros((1, 3, 224, 224)))
+        clf.run(np.zeros((1, 3, 224, 224)))
 
 
-def test_every_bad_file_is_named_the_rest_are_classified_and_the_server_still_answers(server, tmp_path, capsys):
-    from test_preprocess import _png_header_only
-
+def test_every_bad_file_is_named_the_rest_are_classified_and_the_server_still_answers(
+    cpu_server, tmp_path, capsys, png_header_only
+):
     rocket = next(p for p in sample_images() if p.name == "rocket.jpg").read_bytes()
     bad = {
         "empty.jpg": (b"", "the file is empty"),
         "cut.jpg": (rocket[: len(rocket) // 2], "truncated JPEG"),
         "notes.png": (b"these are not pixels", "not a decodable image"),
-        "bomb.png": (_png_header_only(60_000, 60_000), "over the limit of 89,478,485"),
+        "bomb.png": (png_header_only(60_000, 60_000), "over the limit of 89,478,485"),
     }
     for name, (content, _) in bad.items():
         (tmp_path / name).write_bytes(content)
@@ -198,7 +218,7 @@ def test_every_bad_file_is_named_the_rest_are_classified_and_the_server_still_an
     names = [*bad, "folder.jpg", "absent.jpg"]
     good = sample_images()[:3]
     args = [*(str(tmp_path / n) for n in names), *map(str, good)]
-    code = main(["classify", *args, "--url", server.http_url, "--model", "HRNet_W18_C", "--json", "--top-k", "2"])
+    code = main(["classify", *args, "--url", cpu_server.http_url, "--model", "HRNet_W18_C", "--json", "--top-k", "2"])
     rows = json.loads(capsys.readouterr().out)
     assert code == 2
     for row, name in zip(rows, names):
@@ -206,37 +226,42 @@ def test_every_bad_file_is_named_the_rest_are_classified_and_the_server_still_an
     for name, (_, problem) in bad.items():
         assert problem in rows[names.index(name)]["error"]
     assert "cannot read the file" in rows[names.index("absent.jpg")]["error"]
-    assert [len(r["top"]) for r in rows[len(names):]] == [2, 2, 2] and not any(r["error"] for r in rows[len(names):])
-    assert main(["classify", str(good[0]), "--url", server.http_url, "--model", "HRNet_W18_C"]) == 0
+    assert [len(r["top"]) for r in rows[len(names) :]] == [2, 2, 2] and not any(r["error"] for r in rows[len(names) :])
+    assert main(["classify", str(good[0]), "--url", cpu_server.http_url, "--model", "HRNet_W18_C"]) == 0
 
 
-def test_overload_is_reported_as_the_queue_policy_rejection(w18_offline, tmp_path, capsys):
+def test_overload_is_reported_as_the_queue_policy_rejection(w18_offline, tmp_path, capsys, serve_env, free_ports):
     from hrnet_client.triton import ServerOverloadedError
 
     repo = tmp_path / "repo"
-    write_repository(Target.CPU, [variants.get("HRNet_W18_C")], repo, onnx_dir=w18_offline.onnx.parent, max_queue_size=1)
-    with LocalTritonServer(repo, serve_env=_serve_env(), ports=_free_ports(), log_file=tmp_path / "triton.log") as srv:
+    options = RepositoryOptions.for_target(Target.CPU).override(max_queue_size=1)
+    write_repository(Target.CPU, [variants.get("HRNet_W18_C")], repo, options, onnx_dir=w18_offline.onnx.parent)
+    with LocalTritonServer(repo, serve_env=serve_env, ports=free_ports(), log_file=tmp_path / "triton.log") as srv:
         x = preprocess_files(sample_images()[:1])
         with TritonClassifier(srv.http_url, "HRNet_W18_C", concurrency=12) as clf:
-            with pytest.raises(ServerOverloadedError, match="overloaded and rejected a batch of 8.*Exceeds maximum queue size"):
-                clf.probabilities(np.repeat(x, 8 * 12, axis=0))
+            with pytest.raises(
+                ServerOverloadedError, match="overloaded and rejected a batch of 8.*Exceeds maximum queue size"
+            ):
+                clf.run(np.repeat(x, 8 * 12, axis=0))
         images = [str(p) for p in sample_images()] * 12  # 84 images, 11 requests at once
-        code = main(["classify", *images, "--url", srv.http_url, "--model", "HRNet_W18_C", "--concurrency", "11", "--json"])
+        code = main(
+            ["classify", *images, "--url", srv.http_url, "--model", "HRNet_W18_C", "--concurrency", "11", "--json"]
+        )
         rows = json.loads(capsys.readouterr().out)
         assert code == 2
         refused = [r for r in rows if r["error"]]
         assert refused and all("is overloaded" in r["error"] for r in refused)
         assert len(refused) < len(rows), "the requests the queue admitted were answered"
-        assert TritonClassifier(srv.http_url, "HRNet_W18_C").probabilities(x).shape == (1, 1000)  # and it recovers
+        assert TritonClassifier(srv.http_url, "HRNet_W18_C").run(x).shape == (1, 1000)  # and it recovers
 
 
 @pytest.mark.parametrize("from_server", [False, True], ids=["defaults", "server-config"])
-def test_preprocess_command_writes_paddleclas_tensor(server, tmp_path, from_server, capsys):
+def test_preprocess_command_writes_paddleclas_tensor(cpu_server, tmp_path, from_server, capsys):
     from paddleclas_reference import paddleclas_deploy_tensor
 
     for path in sample_images():
         out = tmp_path / f"{path.stem}.npy"
-        extra = ["--url", server.http_url, "--model", "HRNet_W18_C"] if from_server else []
+        extra = ["--url", cpu_server.http_url, "--model", "HRNet_W18_C"] if from_server else []
         assert main(["preprocess", str(path), "--out", str(out), *extra]) == 0
         x = np.load(out)
         assert x.shape == (1, 3, 224, 224) and x.dtype == np.float32

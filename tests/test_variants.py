@@ -4,14 +4,22 @@ import json
 
 import pytest
 
-from hrnet_triton import variants
+from hrnet_core import variants
+from hrnet_core.errors import UnknownVariantError
 from hrnet_triton.cli import main
-from hrnet_triton.errors import UnknownVariantError
 
 SEED_NAMES = [
-    "HRNet_W18_C", "HRNet_W18_C_ssld", "HRNet_W30_C", "HRNet_W32_C", "HRNet_W40_C",
-    "HRNet_W44_C", "HRNet_W48_C", "HRNet_W48_C_ssld", "HRNet_W64_C", "SE_HRNet_W64_C_ssld",
-]  # fmt: skip
+    "HRNet_W18_C",
+    "HRNet_W18_C_ssld",
+    "HRNet_W30_C",
+    "HRNet_W32_C",
+    "HRNet_W40_C",
+    "HRNet_W44_C",
+    "HRNet_W48_C",
+    "HRNet_W48_C_ssld",
+    "HRNet_W64_C",
+    "SE_HRNet_W64_C_ssld",
+]
 
 
 def test_variants_are_the_ten_seed_rows_in_order():

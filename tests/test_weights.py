@@ -11,8 +11,9 @@ import pytest
 from hrnet_build import download, weights
 from hrnet_build.network import build
 from hrnet_build.weights import WeightsKind, WeightsSpec
-from hrnet_triton import variants
-from hrnet_triton.errors import DownloadError, WeightsError
+from hrnet_core import variants
+from hrnet_core.errors import DownloadError, WeightsError
+
 from httpfiles import FileServer, closed_port_url
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB

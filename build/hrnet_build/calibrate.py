@@ -35,8 +35,10 @@ import warnings
 import cv2
 import numpy as np
 
-from hrnet_triton.contract import DEFAULT_PREPROCESS, PreprocessConfig
-from hrnet_triton.variants import Variant
+from hrnet_core.contract import DEFAULT_PREPROCESS, PreprocessConfig
+from hrnet_core.preprocess import normalize_chw, read_image
+from hrnet_core.samples import sample_images
+from hrnet_core.variants import Variant
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +54,6 @@ def offline_seed(variant: Variant) -> int:
 
 def calibration_batch(n: int, seed: int, cfg: PreprocessConfig = DEFAULT_PREPROCESS) -> np.ndarray:
     """``n`` random resized crops (with flips) of the sample photographs, normalised, NCHW float32."""
-    from hrnet_client.preprocess import normalize_chw, read_image
-    from hrnet_client.samples import sample_images
-
     rng = np.random.default_rng(seed)
     photos = [read_image(p) for p in sample_images()]
     out = []
@@ -63,7 +62,9 @@ def calibration_batch(n: int, seed: int, cfg: PreprocessConfig = DEFAULT_PREPROC
         h, w = img.shape[:2]
         side = int(min(h, w) * np.sqrt(rng.uniform(*CROP_AREA)))
         top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-        crop = cv2.resize(img[top : top + side, left : left + side], (cfg.crop_size,) * 2, interpolation=cv2.INTER_LINEAR)
+        crop = cv2.resize(
+            img[top : top + side, left : left + side], (cfg.crop_size,) * 2, interpolation=cv2.INTER_LINEAR
+        )
         if rng.random() < 0.5:
             crop = crop[:, ::-1]
         out.append(normalize_chw(crop, cfg))

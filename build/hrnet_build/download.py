@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from hrnet_triton.errors import DownloadError
+from hrnet_core.errors import DownloadError
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +89,7 @@ def fetch(url: str, dest: str | os.PathLike[str], *, sha256: str | None = None, 
 
     size = part.stat().st_size
     if total is not None and size != total:
-        raise DownloadError(
-            f"download of {url} stopped at {size} of {total} bytes; run the command again to resume"
-        )
+        raise DownloadError(f"download of {url} stopped at {size} of {total} bytes; run the command again to resume")
     actual = sha256_file(part)
     if sha256 is not None and actual != sha256:
         part.unlink()
@@ -106,9 +104,12 @@ def _copy(resp, part: Path, offset: int, total: int | None, label: str, progress
     from tqdm import tqdm
 
     mode = "ab" if offset else "wb"
-    with open(part, mode) as out, tqdm(
-        total=total, initial=offset, unit="B", unit_scale=True, desc=label, disable=not progress, leave=False
-    ) as bar:
+    with (
+        open(part, mode) as out,
+        tqdm(
+            total=total, initial=offset, unit="B", unit_scale=True, desc=label, disable=not progress, leave=False
+        ) as bar,
+    ):
         for block in iter(lambda: resp.read(CHUNK), b""):
             out.write(block)
             bar.update(len(block))

@@ -2,7 +2,7 @@
 
 ``export_onnx`` builds (or takes) a Paddle inference model with a dynamic batch dimension and
 a softmax output, converts it with paddle2onnx at opset 17, gives its tensors the project's
-stable names (:mod:`hrnet_triton.contract`), and then gates it:
+stable names (:mod:`hrnet_core.contract`), and then gates it:
 
 - ``onnx.checker`` with ``full_check=True`` (strict shape inference);
 - parity on real photographs: Paddle Inference on the Paddle model against ONNX Runtime on the
@@ -17,7 +17,6 @@ Paddle inference model if asked for).
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import logging
 import os
 import resource
@@ -26,75 +25,34 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-import hrnet_triton
-from hrnet_triton import atomic
-from hrnet_triton.contract import CHANNELS, CROP_SIZE, INPUT_NAME, NUM_CLASSES, ONNX_OPSET, OUTPUT_NAME
-from hrnet_triton.errors import ExportError, ParityError
-from hrnet_triton.variants import Variant
+import hrnet_core
+from hrnet_core import atomic
+from hrnet_core.contract import CHANNELS, CROP_SIZE, INPUT_NAME, NUM_CLASSES, ONNX_OPSET, OUTPUT_NAME
+from hrnet_core.errors import ExportError, ParityError
+from hrnet_core.manifest import ExportManifest, TensorSpec
+from hrnet_core.parity import ParityLimits, ParityReport, compare
+from hrnet_core.preprocess import preprocess_files
+from hrnet_core.runtime import OnnxRuntimeRunner
+from hrnet_core.samples import sample_images
+from hrnet_core.variants import Variant
 
 from . import weights as wts
 from .download import sha256_file
 
 log = logging.getLogger(__name__)
 
-PARITY_MAX_ABS = 1e-5
-TOP_K = 5
+# Paddle Inference -> ONNX Runtime: the same float32 network, so only rounding may differ
+# (docs/export.md measures the noise floor at 4.5e-6); the top-5 must not even change order.
+GATE = ParityLimits(max_abs_dprob=1e-5, top1_identical=True, min_top5_overlap=5, top5_same_order=True)
 PROB_SUM_TOL = 1e-4
 SATURATED = 0.999  # a top-1 probability above this on a photograph means the softmax is one-hot
 BATCH_DIM = "batch"
 
 STEPS = ("weights", "paddle inference model", "paddle2onnx", "onnx checker", "parity gate", "write")
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str
-    dims: tuple[int, ...]  # -1 for the dynamic batch dimension
-
-
-@dataclass(frozen=True)
-class ParityReport:
-    images: tuple[str, ...]
-    max_abs_diff: float
-    top5_identical: bool
-    top1_agree: int
-    max_top1_prob: float
-    min_top1_prob: float
-    max_abs_tolerance: float = PARITY_MAX_ABS
-
-
-@dataclass(frozen=True)
-class ExportManifest:
-    """What was exported, from what, with which tools, and how it checked out."""
-
-    variant: str
-    onnx_file: str
-    onnx_sha256: str
-    onnx_bytes: int
-    opset: int
-    input: TensorSpec
-    output: TensorSpec
-    weights: dict
-    versions: dict
-    parity: ParityReport
-    export_seconds: float
-    peak_rss_mib: float
-    created: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def manifest_path(onnx_path: str | os.PathLike[str]) -> Path:
-    """``model.onnx`` -> ``model.manifest.json``."""
-    p = Path(onnx_path)
-    return p.with_name(p.name.removesuffix(".onnx") + ".manifest.json")
 
 
 @contextlib.contextmanager
@@ -126,9 +84,6 @@ def export_onnx(
     progress: bool = True,
 ) -> ExportManifest:
     """Export ``variant`` with the weights ``spec`` names to ``out`` (an ``.onnx`` path)."""
-    from hrnet_client.preprocess import preprocess_files
-    from hrnet_client.samples import sample_images
-
     out = Path(out)
     if out.suffix != ".onnx":
         raise ExportError(f"--out {out}: the output file must end in .onnx")
@@ -142,67 +97,80 @@ def export_onnx(
         if not resolved.labels_meaningful:
             log.warning(
                 "*** %s: OFFLINE WEIGHTS. Seeded and calibrated, not trained: the model runs like the real one, "
-                "but its labels are MEANINGLESS. Use --weights auto or a PaddleClas weights file for real predictions. ***",
+                "but its labels are MEANINGLESS. Use --weights auto or a PaddleClas weights file for real "
+                "predictions. ***",
                 variant.name,
             )
-
         step("paddle inference model")
-        if resolved.kind is wts.WeightsKind.INFERENCE_MODEL:
-            assert resolved.path is not None
-            model = wts.find_inference_model(resolved.path)
-            weights_sha = resolved.sha256
-        else:
-            model, weights_sha = _save_inference_model(variant, resolved, Path(work) / "paddle")
-
+        model, weights_sha = _paddle_model(variant, resolved, Path(work) / "paddle")
         step("paddle2onnx")
         onnx_model = _standardise(_paddle2onnx(model, Path(work) / "raw.onnx"), variant, resolved)
         in_spec, out_spec = _io_specs(onnx_model)
-
         step("onnx checker")
-        import onnx
-
-        try:
-            onnx.checker.check_model(onnx_model, full_check=True)
-        except onnx.checker.ValidationError as err:
-            raise ExportError(f"{variant.name}: the ONNX model fails onnx.checker: {err}") from err
-        candidate = Path(work) / "model.onnx"
-        onnx.save(onnx_model, candidate)
-
+        candidate = _checked_save(onnx_model, variant, Path(work) / "model.onnx")
         step("parity gate")
-        expected = paddle_predict(model, batch)
-        actual = onnxruntime_predict(candidate, batch)
-        report = parity(expected, actual, [p.name for p in images], offline=not resolved.labels_meaningful)
-
-        step("write")
-        manifest = ExportManifest(
-            variant=variant.name,
-            onnx_file=out.name,
-            onnx_sha256=sha256_file(candidate),
-            onnx_bytes=candidate.stat().st_size,
-            opset=ONNX_OPSET,
-            input=in_spec,
-            output=out_spec,
-            weights={
-                "kind": resolved.kind.value,
-                "source": resolved.source,
-                "sha256": weights_sha,
-                "labels_meaningful": resolved.labels_meaningful,
-            },
-            versions=tool_versions(),
-            parity=report,
-            export_seconds=round(time.perf_counter() - start, 1),
-            peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        report = gate(
+            PaddleInferenceRunner(model),
+            OnnxRuntimeRunner(candidate),
+            batch,
+            [p.name for p in images],
+            offline=not resolved.labels_meaningful,
         )
+        step("write")
+        weights = {"kind": resolved.kind.value, "source": resolved.source, "sha256": weights_sha}
+        weights["labels_meaningful"] = resolved.labels_meaningful
+        manifest = _manifest(variant, out, candidate, (in_spec, out_spec), weights, report, start)
         if paddle_model_dir is not None:
             _copy_inference_model(model, Path(paddle_model_dir))
         with atomic.atomic_path(out, ".onnx") as tmp:
             shutil.move(candidate, tmp)  # the work dir may be on another filesystem
-        atomic.write_json(manifest_path(out), manifest.to_dict())
-    log.info(
-        "%s -> %s (%.1f MB); parity max |Δprob| %.2e, top-5 identical on %d photographs",
-        variant.name, out, manifest.onnx_bytes / 1e6, report.max_abs_diff, len(images),
-    )  # fmt: skip
+        manifest.write(out)
+    log.info("%s -> %s (%.1f MB); %s", variant.name, out, manifest.onnx_bytes / 1e6, report.summary())
     return manifest
+
+
+def _manifest(
+    variant: Variant,
+    out: Path,
+    candidate: Path,
+    specs: tuple[TensorSpec, TensorSpec],
+    weights: dict,
+    report: ParityReport,
+    start: float,
+) -> ExportManifest:
+    return ExportManifest(
+        variant=variant.name,
+        onnx_file=out.name,
+        onnx_sha256=sha256_file(candidate),
+        onnx_bytes=candidate.stat().st_size,
+        opset=ONNX_OPSET,
+        input=specs[0],
+        output=specs[1],
+        weights=weights,
+        versions=tool_versions(),
+        parity=report,
+        export_seconds=round(time.perf_counter() - start, 1),
+        peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    )
+
+
+def _paddle_model(variant: Variant, resolved: wts.Weights, work: Path) -> tuple[wts.InferenceModel, str]:
+    """The Paddle inference model to convert, and the hash of its weights."""
+    if resolved.kind is wts.WeightsKind.INFERENCE_MODEL:
+        assert resolved.path is not None and resolved.sha256 is not None
+        return wts.find_inference_model(resolved.path), resolved.sha256
+    return _save_inference_model(variant, resolved, work)
+
+
+def _checked_save(onnx_model, variant: Variant, dest: Path) -> Path:
+    import onnx
+
+    try:
+        onnx.checker.check_model(onnx_model, full_check=True)
+    except onnx.checker.ValidationError as err:
+        raise ExportError(f"{variant.name}: the ONNX model fails onnx.checker: {err}") from err
+    onnx.save(onnx_model, dest)
+    return dest
 
 
 def _save_inference_model(variant: Variant, resolved: wts.Weights, dest: Path) -> tuple[wts.InferenceModel, str]:
@@ -248,9 +216,13 @@ def _paddle2onnx(model: wts.InferenceModel, dest: Path):
 
     try:
         paddle2onnx.export(
-            str(model.graph), str(model.params), str(dest), opset_version=ONNX_OPSET,
-            auto_upgrade_opset=False, enable_onnx_checker=True,
-        )  # fmt: skip
+            str(model.graph),
+            str(model.params),
+            str(dest),
+            opset_version=ONNX_OPSET,
+            auto_upgrade_opset=False,
+            enable_onnx_checker=True,
+        )
     except Exception as err:
         raise ExportError(
             f"paddle2onnx failed on {model.graph}: {err}. This project pins paddlepaddle 3.2.2 with "
@@ -295,7 +267,7 @@ def _standardise(model, variant: Variant, resolved: wts.Weights):
         dim0.dim_param = BATCH_DIM
     meta = {
         "variant": variant.name,
-        "producer": f"hrnet-triton {hrnet_triton.__version__}",
+        "producer": f"hrnet-triton {hrnet_core.__version__}",
         "weights": resolved.kind.value,
         "labels_meaningful": "true" if resolved.labels_meaningful else "false",
     }
@@ -324,69 +296,53 @@ def _io_specs(model) -> tuple[TensorSpec, TensorSpec]:
     return in_spec, out_spec
 
 
-def paddle_predict(model: wts.InferenceModel, batch: np.ndarray, *, onednn: bool = False) -> np.ndarray:
-    """Run a Paddle inference model on the CPU with Paddle Inference.
+class PaddleInferenceRunner:
+    """A Paddle inference model run on the CPU by Paddle Inference (a :class:`~hrnet_core.runtime.Runner`).
 
     The parity gate uses Paddle's reference CPU kernels (``onednn=False``). PaddleClas's deploy
     config turns oneDNN on; neither is consistently closer to a float64 run of the network, and
     both agree with ONNX Runtime within 4.5e-6 on offline weights (docs/export.md, "The float32
     noise floor under the gate").
     """
-    from paddle import inference
 
-    config = inference.Config(str(model.graph), str(model.params))
-    config.disable_gpu()
-    config.disable_glog_info()
-    config.switch_ir_optim(True)
-    if onednn:
-        config.enable_mkldnn()
-    else:
-        config.disable_mkldnn()
-    config.set_cpu_math_library_num_threads(os.cpu_count() or 1)
-    predictor = inference.create_predictor(config)
-    handle = predictor.get_input_handle(predictor.get_input_names()[0])
-    handle.reshape(list(batch.shape))
-    handle.copy_from_cpu(np.ascontiguousarray(batch, dtype=np.float32))
-    predictor.run()
-    return predictor.get_output_handle(predictor.get_output_names()[0]).copy_to_cpu()
+    name = "Paddle Inference"
+
+    def __init__(self, model: wts.InferenceModel, *, onednn: bool = False, threads: int | None = None):
+        from paddle import inference
+
+        config = inference.Config(str(model.graph), str(model.params))
+        config.disable_gpu()
+        config.disable_glog_info()
+        config.switch_ir_optim(True)
+        if onednn:
+            config.enable_mkldnn()
+        else:
+            config.disable_mkldnn()
+        config.set_cpu_math_library_num_threads(threads or os.cpu_count() or 1)
+        self.predictor = inference.create_predictor(config)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        predictor = self.predictor
+        handle = predictor.get_input_handle(predictor.get_input_names()[0])
+        handle.reshape(list(batch.shape))
+        handle.copy_from_cpu(np.ascontiguousarray(batch, dtype=np.float32))
+        predictor.run()
+        return predictor.get_output_handle(predictor.get_output_names()[0]).copy_to_cpu()
 
 
-def onnxruntime_predict(onnx_path: str | os.PathLike[str], batch: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    return session.run([OUTPUT_NAME], {INPUT_NAME: batch.astype(np.float32)})[0]
-
-
-def parity(expected: np.ndarray, actual: np.ndarray, names: Sequence[str], *, offline: bool) -> ParityReport:
-    """Compare reference and converted probabilities; raise ParityError if the gate fails."""
-    if expected.shape != actual.shape or expected.shape != (len(names), NUM_CLASSES):
-        raise ParityError(f"output shapes differ: reference {expected.shape}, ONNX {actual.shape}")
+def gate(reference, candidate, batch: np.ndarray, names: Sequence[str], *, offline: bool) -> ParityReport:
+    """The export's gate: ``candidate`` (ONNX Runtime) against ``reference`` (Paddle Inference) on
+    the photographs; raise :class:`ParityError` unless it passes :data:`GATE`."""
+    expected, actual = reference.run(batch), candidate.run(batch)
     sums = actual.sum(axis=1)
     if np.abs(sums - 1).max() > PROB_SUM_TOL:
         raise ParityError(
             f"the model's outputs are not probabilities (row sums {sums.min():.4f}..{sums.max():.4f}): "
             "the inference model must end in softmax, as PaddleClas's exported models do"
         )
-    from hrnet_client.classify import top_k
-
-    diff = float(np.abs(expected - actual).max())
-    same_top5 = [bool(np.array_equal(a, b)) for a, b in zip(top_k(expected, TOP_K), top_k(actual, TOP_K))]
-    top1 = actual.max(axis=1)
-    report = ParityReport(
-        images=tuple(names),
-        max_abs_diff=diff,
-        top5_identical=all(same_top5),
-        top1_agree=int((top_k(expected, 1) == top_k(actual, 1)).sum()),
-        max_top1_prob=float(top1.max()),
-        min_top1_prob=float(top1.min()),
-    )
-    if diff > PARITY_MAX_ABS or not report.top5_identical:
-        bad = [n for n, ok in zip(names, same_top5) if not ok]
-        raise ParityError(
-            f"parity gate failed: max |Δprob| {diff:.2e} (limit {PARITY_MAX_ABS:.0e}); top-5 differs on {bad or 'none'}. "
-            "The ONNX model was not written"
-        )
+    report = compare(
+        expected, actual, GATE, images=names, reference_name=reference.name, candidate_name=candidate.name
+    ).require("the ONNX model")
     if offline and report.max_top1_prob > SATURATED:
         raise ParityError(
             f"offline weights are saturated (a top-1 probability of {report.max_top1_prob:.6f}): "
@@ -398,7 +354,7 @@ def parity(expected: np.ndarray, actual: np.ndarray, names: Sequence[str], *, of
 def tool_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {"hrnet-triton": hrnet_triton.__version__, "python": sys.version.split()[0]}
+    out = {"hrnet-triton": hrnet_core.__version__, "python": sys.version.split()[0]}
     for dist in ("paddlepaddle", "paddle2onnx", "onnx", "onnxruntime", "numpy", "opencv-python-headless"):
         with contextlib.suppress(PackageNotFoundError):
             out[dist] = version(dist)

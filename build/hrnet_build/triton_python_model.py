@@ -53,6 +53,8 @@ class TritonPythonModel:
         responses, start = [], 0
         for a in arrays:
             n = a.shape[0]
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(OUTPUT, np.ascontiguousarray(probs[start : start + n]))]))
+            responses.append(
+                pb_utils.InferenceResponse([pb_utils.Tensor(OUTPUT, np.ascontiguousarray(probs[start : start + n]))])
+            )
             start += n
         return responses

@@ -24,9 +24,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from hrnet_triton.atomic import atomic_path
-from hrnet_triton.errors import WeightsError
-from hrnet_triton.variants import PADDLE_MODELS_BASE, Variant
+from hrnet_core.atomic import atomic_path
+from hrnet_core.errors import WeightsError
+from hrnet_core.variants import PADDLE_MODELS_BASE, Variant
 
 from . import download
 
@@ -157,7 +157,9 @@ def find_inference_model(model_dir: Path) -> InferenceModel:
     return InferenceModel(graph=graphs[0], params=params)
 
 
-def check_state_dict(expected: Mapping[str, tuple[int, ...]], given: Mapping[str, tuple[int, ...]], source: str) -> None:
+def check_state_dict(
+    expected: Mapping[str, tuple[int, ...]], given: Mapping[str, tuple[int, ...]], source: str
+) -> None:
     """Raise WeightsError naming the missing, unexpected and mis-shaped keys, if any."""
     missing = [k for k in expected if k not in given]
     unexpected = [k for k in given if k not in expected]

@@ -1,7 +1,10 @@
-"""Top-k classification results, and an in-process ONNX Runtime classifier.
+"""Top-k classification of image files, over any runtime.
 
-The in-process classifier runs an exported ONNX model without a server: the reference that
-served results are compared with, and the main job's path before a server is started.
+:class:`Classifier` turns files into top-k :class:`Prediction` records: it preprocesses them
+with the model's contract, runs them in batches and ranks the probabilities. Subclasses say how
+probabilities are computed: :class:`RunnerClassifier` wraps any in-process
+:class:`~hrnet_core.runtime.Runner` (``classify --onnx`` uses ONNX Runtime), and
+:class:`hrnet_client.triton.TritonClassifier` asks a Triton server.
 """
 
 from __future__ import annotations
@@ -11,23 +14,16 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
-from hrnet_triton.contract import DEFAULT_PREPROCESS, INPUT_NAME, OUTPUT_NAME, Labels, PreprocessConfig, imagenet_labels
-from hrnet_triton.errors import HrnetTritonError, ImageError
-
-from .preprocess import MAX_PIXELS, load_tensors
+from hrnet_core.contract import DEFAULT_PREPROCESS, MAX_PIXELS, PreprocessConfig
+from hrnet_core.errors import HrnetTritonError, ImageError
+from hrnet_core.labels import Guess, Labels, imagenet_labels, top_k
+from hrnet_core.preprocess import load_tensors
+from hrnet_core.runtime import Runner
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Guess:
-    class_id: int
-    label: str
-    probability: float
 
 
 @dataclass(frozen=True)
@@ -42,25 +38,29 @@ class Prediction:
         return asdict(self)
 
 
-def top_k(probs: np.ndarray, k: int) -> np.ndarray:
-    """Class ids by descending probability; ties go to the lower id, so the order is stable."""
-    return np.argsort(-probs, axis=-1, kind="stable")[..., :k]
-
-
 class Classifier:
-    """Top-k classification of image files; subclasses say how probabilities are computed."""
+    """Top-k classification of image files; subclasses implement :meth:`run`."""
 
     cfg: PreprocessConfig = DEFAULT_PREPROCESS
     max_batch: int = 8
     labels: Labels
 
-    def probabilities(self, batch: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+    def run(self, batch: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the classifier holds (connections, threads); the base holds nothing."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _probabilities_per_batch(self, batches: Sequence[np.ndarray]) -> Iterator[np.ndarray | HrnetTritonError]:
         for batch in batches:
             try:
-                yield self.probabilities(batch)
+                yield self.run(batch)
             except HrnetTritonError as err:
                 yield err
 
@@ -88,7 +88,9 @@ class Classifier:
         batch_size = max(1, min(batch_size, self.max_batch))
         results: dict[int, Prediction] = {}
         good: list[tuple[int, np.ndarray]] = []
-        for i, (p, tensor) in enumerate(zip(paths, load_tensors(paths, self.cfg, workers=workers, max_pixels=max_pixels))):
+        for i, (p, tensor) in enumerate(
+            zip(paths, load_tensors(paths, self.cfg, workers=workers, max_pixels=max_pixels))
+        ):
             if isinstance(tensor, ImageError):
                 results[i] = Prediction(str(p), error=str(tensor))
             else:
@@ -104,28 +106,20 @@ class Classifier:
         return [results[i] for i in range(len(paths))]
 
 
-class OnnxRuntimeClassifier(Classifier):
-    """Classify image files in-process with an exported model."""
+class RunnerClassifier(Classifier):
+    """Classify image files in-process with any :class:`~hrnet_core.runtime.Runner`."""
 
-    def __init__(self, onnx_path: str | os.PathLike[str], cfg: PreprocessConfig = DEFAULT_PREPROCESS, threads: int = 0):
-        import onnxruntime as ort
-
-        path = Path(onnx_path)
-        if not path.is_file():
-            raise HrnetTritonError(f"{path}: no such ONNX model; create it with `hrnet-triton export`")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.cfg = cfg
-        self.max_batch = 64
+    def __init__(self, runner: Runner, *, cfg: PreprocessConfig = DEFAULT_PREPROCESS, max_batch: int = 64):
+        self.runner, self.cfg, self.max_batch = runner, cfg, max_batch
+        self.name = runner.name
         self.labels = imagenet_labels()
-        meta = self.session.get_modelmeta().custom_metadata_map
+        meta = getattr(runner, "metadata", {})
         self.labels_meaningful = meta.get("labels_meaningful", "true") == "true"
         if not self.labels_meaningful:
-            log.warning("%s was exported with OFFLINE weights: its labels are meaningless", path.name)
+            log.warning("the model was exported with OFFLINE weights: its labels are meaningless")
 
-    def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.runner.run(batch)
 
 
 def format_predictions(preds: Sequence[Prediction], as_json: bool = False) -> str:

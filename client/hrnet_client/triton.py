@@ -2,7 +2,7 @@
 
 The model's config on the server carries everything the client needs: ``max_batch_size``,
 the input and output tensors, and the preprocessing contract in ``parameters``
-(:meth:`hrnet_triton.contract.PreprocessConfig.from_parameters`). Labels are the model's
+(:meth:`hrnet_core.contract.PreprocessConfig.from_parameters`). Labels are the model's
 ``labels.txt``, which the server's classification extension reports, or PaddleClas's list.
 
 Requests go out ``concurrency`` at a time. Each in-flight request runs on a "lane": a thread
@@ -14,43 +14,34 @@ must be on this host).
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 import queue
 import threading
-import time
 import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 
-from hrnet_triton.contract import INPUT_NAME, NUM_CLASSES, OUTPUT_NAME, PreprocessConfig, imagenet_labels
-from hrnet_triton.errors import HrnetTritonError
+from hrnet_core.contract import INPUT_NAME, NUM_CLASSES, OUTPUT_NAME
+from hrnet_core.errors import HrnetTritonError
+from hrnet_core.labels import Guess
 
-from .classify import Classifier, Guess
+from .classify import Classifier
+from .served_model import (
+    LIVE_RETRIES,
+    Protocol,
+    ServerUnavailableError,
+    address,
+    describe,
+    new_client,
+    parse_classification,
+)
 
 log = logging.getLogger(__name__)
-
-RETRIES = 4
-BACKOFF_S = 0.5
-
-
-class Protocol(str, enum.Enum):
-    HTTP = "http"
-    GRPC = "grpc"
-
-
-class ServerUnavailableError(HrnetTritonError):
-    """No Triton server answered at the address."""
-
-
-class UnknownModelError(HrnetTritonError):
-    """The server does not serve the model asked for."""
 
 
 class ServerOverloadedError(HrnetTritonError):
@@ -64,28 +55,6 @@ class InferenceError(HrnetTritonError):
 
 # Triton's words for the two queue-policy rejections (dynamic batcher, REJECT action).
 _OVERLOAD_MARKERS = ("exceeds maximum queue size", "request timeout expired")
-
-
-def host_port(url: str, protocol: Protocol) -> str:
-    """``http://host:8000`` or ``host:8001`` -> ``host:port`` (default ports 8000/8001)."""
-    parts = urlsplit(url if "//" in url else f"//{url}")
-    if not parts.hostname:
-        raise HrnetTritonError(f"--url {url!r}: expected host[:port], e.g. localhost:8000")
-    port = parts.port or (8000 if protocol is Protocol.HTTP else 8001)
-    return f"{parts.hostname}:{port}"
-
-
-def parse_classification(entries: np.ndarray) -> list[tuple[Guess, ...]]:
-    """Triton's classification extension output, ``b"<prob>:<id>:<label>"`` per entry, shape (batch, k)."""
-    rows = []
-    for row in np.asarray(entries).reshape(len(entries), -1):
-        guesses = []
-        for entry in row:
-            text = entry.decode() if isinstance(entry, bytes) else str(entry)
-            prob, class_id, label = (text.split(":", 2) + [""])[:3]
-            guesses.append(Guess(int(class_id), label, float(prob)))
-        rows.append(tuple(guesses))
-    return rows
 
 
 @dataclass
@@ -134,13 +103,15 @@ class _Lane(threading.Thread):
 
 
 class TritonClassifier(Classifier):
+    """Classify through a Triton server: a :class:`~hrnet_core.runtime.Runner` and a :class:`Classifier`."""
+
     def __init__(
         self,
         url: str,
         model: str,
         protocol: Protocol = Protocol.HTTP,
         *,
-        retries: int = RETRIES,
+        retries: int = LIVE_RETRIES,
         concurrency: int = 1,
         shared_memory: bool = False,
         server_top_k: bool = False,
@@ -150,29 +121,19 @@ class TritonClassifier(Classifier):
             raise HrnetTritonError(f"concurrency must be at least 1, got {concurrency}")
         self.protocol = Protocol(protocol)
         self.model = model
-        self.address = host_port(url, self.protocol)
+        self.name = f"Triton {self.protocol.value.upper()}"
+        self.address = address(url, self.protocol)
         self.concurrency = concurrency
         self.server_top_k = server_top_k
         self.timeout_s = timeout_s
-        if self.protocol is Protocol.HTTP:
-            import tritonclient.http as tc
-        else:
-            import tritonclient.grpc as tc
-        self._tc = tc
-        self.client = self._new_client()
-        self._wait_live(retries)
-        config = self._model_config()
-        self.max_batch = int(config.get("max_batch_size", 1)) or 1
-        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-        try:
-            self.cfg = PreprocessConfig.from_parameters(params)
-        except ValueError as err:
-            raise HrnetTritonError(f"model {model!r} on {self.address} does not carry the HRNet contract: {err}") from err
-        self.labels = imagenet_labels()
         self.shared_memory = shared_memory
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._tc = self.protocol.module()
+        self.client = self._new_client()
         self._lanes: list[_Lane] = []
         try:
+            self.served = describe(self.client, self.address, self.protocol, model, retries=retries)
+            self.cfg, self.max_batch, self.labels = self.served.cfg, self.served.max_batch, self.served.labels
+            self._jobs: queue.SimpleQueue = queue.SimpleQueue()
             for i in range(concurrency):
                 self._lanes.append(_Lane(self, i, self._jobs))
                 self._lanes[-1].start()
@@ -182,56 +143,8 @@ class TritonClassifier(Classifier):
             self.close()
             raise
 
-    # -- connection -------------------------------------------------------------------------
-
     def _new_client(self):
-        if self.protocol is Protocol.HTTP:
-            return self._tc.InferenceServerClient(
-                self.address, connection_timeout=self.timeout_s, network_timeout=self.timeout_s
-            )
-        return self._tc.InferenceServerClient(self.address)
-
-    def _wait_live(self, retries: int) -> None:
-        from tritonclient.utils import InferenceServerException
-
-        delay = BACKOFF_S
-        for attempt in range(retries + 1):
-            try:
-                if self.client.is_server_live():
-                    return
-            except (InferenceServerException, OSError, ConnectionError) as err:
-                last = err
-            else:
-                last = "not live"
-            if attempt < retries:
-                log.info("no answer from %s (%s); retrying in %.1f s", self.address, last, delay)
-                time.sleep(delay)
-                delay *= 2
-        raise ServerUnavailableError(
-            f"no Triton server answers at {self.address} over {self.protocol.value} after {retries + 1} tries "
-            f"({last}). Start one with `hrnet-triton serve`, or check --url and --protocol"
-        )
-
-    def _model_config(self) -> dict:
-        from tritonclient.utils import InferenceServerException
-
-        try:
-            if self.protocol is Protocol.HTTP:
-                return self.client.get_model_config(self.model)
-            return self.client.get_model_config(self.model, as_json=True)["config"]
-        except InferenceServerException as err:
-            try:
-                if self.protocol is Protocol.HTTP:
-                    index = self.client.get_model_repository_index()
-                else:
-                    index = self.client.get_model_repository_index(as_json=True).get("models", [])
-                names = sorted({m["name"] for m in index})
-            except InferenceServerException:
-                names = []
-            raise UnknownModelError(
-                f"the server at {self.address} has no model {self.model!r} ({err.message()}); it serves: "
-                f"{', '.join(names) or 'nothing'}"
-            ) from err
+        return new_client(self.address, self.protocol, self.timeout_s)
 
     # -- shared memory ----------------------------------------------------------------------
 
@@ -274,18 +187,12 @@ class TritonClassifier(Classifier):
 
     def close(self) -> None:
         """Stop the lanes (each unregisters and frees its shared memory). Safe to call twice."""
-        lanes, self._lanes = getattr(self, "_lanes", []), []
+        lanes, self._lanes = self._lanes, []
         for _ in lanes:
             self._jobs.put(None)
         for lane in lanes:
             lane.join()
         self.client.close()
-
-    def __enter__(self) -> TritonClassifier:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # -- inference --------------------------------------------------------------------------
 
@@ -351,15 +258,21 @@ class TritonClassifier(Classifier):
         c = self.cfg.crop_size
         if not isinstance(batch, np.ndarray) or batch.ndim != 4 or batch.shape[1:] != (3, c, c) or len(batch) == 0:
             got = f"{batch.dtype} {batch.shape}" if isinstance(batch, np.ndarray) else type(batch).__name__
-            raise InferenceError(f"{self.model} takes a float32 batch of shape (N>=1, 3, {c}, {c}), got {got}; "
-                                 "make one with hrnet_client.preprocess.load_tensors")
+            raise InferenceError(
+                f"{self.model} takes a float32 batch of shape (N>=1, 3, {c}, {c}), got {got}; "
+                "make one with hrnet_core.preprocess.load_tensors"
+            )
         if batch.dtype != np.float32:
-            raise InferenceError(f"{self.model} takes float32 tensors, got {batch.dtype}; convert with batch.astype(np.float32)")
+            raise InferenceError(
+                f"{self.model} takes float32 tensors, got {batch.dtype}; convert with batch.astype(np.float32)"
+            )
 
-    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+    def run(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities for a float32 NCHW batch of any length (sent in ``max_batch`` pieces)."""
         self._check_batch(batch)
-        return np.concatenate(self.run_batches([batch[s : s + self.max_batch] for s in range(0, len(batch), self.max_batch)]))
+        return np.concatenate(
+            self.run_batches([batch[s : s + self.max_batch] for s in range(0, len(batch), self.max_batch)])
+        )
 
     def run_batches(self, batches: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Probabilities for each batch, each sent as one request (of at most ``max_batch``
@@ -375,7 +288,9 @@ class TritonClassifier(Classifier):
             out.append(result)
         return out
 
-    def classify_batches(self, batches: Sequence[np.ndarray], k: int) -> Iterator[list[tuple[Guess, ...]] | HrnetTritonError]:
+    def classify_batches(
+        self, batches: Sequence[np.ndarray], k: int
+    ) -> Iterator[list[tuple[Guess, ...]] | HrnetTritonError]:
         if not self.server_top_k:
             yield from super().classify_batches(batches, k)
             return

@@ -32,8 +32,16 @@ class ExportError(HrnetTritonError):
     """The Paddle -> ONNX conversion failed or produced a model of the wrong form."""
 
 
-class ParityError(ExportError):
-    """A converted model disagrees with its reference beyond the gate's tolerance."""
+class EngineError(HrnetTritonError):
+    """A TensorRT plan cannot be built, fails its check, or does not fit the pinned release."""
+
+
+class ParityError(HrnetTritonError):
+    """A converted model disagrees with its reference beyond its gate's limits (export or engine)."""
+
+
+class ManifestError(HrnetTritonError):
+    """A manifest beside a build output is missing, unreadable or of another kind."""
 
 
 class ImageError(HrnetTritonError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from hrnet_triton.errors import HrnetTritonError
+from hrnet_core.errors import HrnetTritonError
 
 # Natural photographs (not synthetic patterns or microscopy): colour, and one grayscale.
 # Sizes are width x height.

@@ -1,7 +1,7 @@
 """The ten seed HRNet variants: the single source of their facts in this project.
 
 Rows, names and reference figures are those of table 1.2 in PaddleClas's
-``docs/zh_CN/models/ImageNet1k/HRNet.md`` (the project's ``seed/HRNet.md``). Weight
+``docs/zh_CN/models/ImageNet1k/HRNet.md``. Weight
 locations are PaddleClas's published ones: the dygraph pretrained ``.pdparams`` under
 ``dygraph/legendary_models/`` and the exported inference models under ``dygraph/inference/``.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from hrnet_triton.errors import UnknownVariantError
+from hrnet_core.errors import UnknownVariantError
 
 PADDLE_MODELS_BASE = "https://paddle-imagenet-models-name.bj.bcebos.com/dygraph"
 
@@ -91,6 +91,5 @@ def get(name: str) -> Variant:
         close = [n for n in _BY_NAME if n.lower() == name.lower()]
         hint = f" Did you mean {close[0]}?" if close else ""
         raise UnknownVariantError(
-            f"unknown model {name!r}.{hint} The seed variants are: {', '.join(_BY_NAME)} "
-            "(run `hrnet-triton variants`)."
+            f"unknown model {name!r}.{hint} The seed variants are: {', '.join(_BY_NAME)} (run `hrnet-triton variants`)."
         ) from None

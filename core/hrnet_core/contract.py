@@ -7,8 +7,8 @@ inference pipeline (``deploy/configs/inference_cls.yaml``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from importlib import resources
+from dataclasses import dataclass
+from typing import Any
 
 INPUT_NAME = "x"  # PaddleClas's name for the image input of its inference models
 OUTPUT_NAME = "probabilities"  # softmax over the 1000 ImageNet classes
@@ -22,6 +22,7 @@ ONNX_OPSET = 17
 # own decompression-bomb warning threshold (Image.MAX_IMAGE_PIXELS), about 0.25 GiB decoded as
 # 8-bit RGB. A 24-megapixel camera photograph is well inside it.
 MAX_PIXELS = 89_478_485
+
 
 @dataclass(frozen=True)
 class PreprocessConfig:
@@ -42,9 +43,7 @@ class PreprocessConfig:
 
     def __post_init__(self) -> None:
         if self.crop_size <= 0 or self.resize_short < self.crop_size:
-            raise ValueError(
-                f"resize_short ({self.resize_short}) must be >= crop_size ({self.crop_size}) > 0"
-            )
+            raise ValueError(f"resize_short ({self.resize_short}) must be >= crop_size ({self.crop_size}) > 0")
         if len(self.mean) != CHANNELS or len(self.std) != CHANNELS or min(self.std) <= 0:
             raise ValueError(f"mean and std need {CHANNELS} values, std > 0; got {self.mean}, {self.std}")
         if self.channel_order not in ("RGB", "BGR"):
@@ -53,7 +52,6 @@ class PreprocessConfig:
             raise ValueError(f"only the NCHW layout is supported, got {self.layout!r}")
         if self.interpolation != "INTER_LINEAR":
             raise ValueError(f"only cv2 INTER_LINEAR resizing is supported, got {self.interpolation!r}")
-
 
     def to_parameters(self) -> dict[str, str]:
         """The contract as Triton config ``parameters`` (string values)."""
@@ -80,41 +78,37 @@ class PreprocessConfig:
             return (a, b, c)
 
         return cls(
-            resize_short=int(params["resize_short"]), crop_size=int(params["crop_size"]), scale=float(params["scale"]),
-            mean=triple("mean"), std=triple("std"), channel_order=params["channel_order"], layout=params["layout"],
+            resize_short=int(params["resize_short"]),
+            crop_size=int(params["crop_size"]),
+            scale=float(params["scale"]),
+            mean=triple("mean"),
+            std=triple("std"),
+            channel_order=params["channel_order"],
+            layout=params["layout"],
             interpolation=params["interpolation"],
-        )  # fmt: skip
+        )
+
+    @classmethod
+    def from_triton_config(cls, config: Any) -> PreprocessConfig:
+        """Read the contract from a model config: the JSON a server returns, or a ``ModelConfig`` message."""
+        return cls.from_parameters(triton_parameters(config))
+
+
+def triton_parameters(config: Any) -> dict[str, str]:
+    """A model config's ``parameters`` as plain strings, from the JSON form (what Triton's model
+    config API returns) or from Triton's ``ModelConfig`` protobuf message."""
+    if isinstance(config, dict):
+        return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+    return {k: v.string_value for k, v in config.parameters.items()}
 
 
 DEFAULT_PREPROCESS = PreprocessConfig()
 
 
-@dataclass(frozen=True)
-class Labels:
-    """Class names indexed by class id."""
-
-    names: tuple[str, ...] = field(repr=False)
-
-    def __getitem__(self, class_id: int) -> str:
-        return self.names[class_id]
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    @classmethod
-    def parse(cls, text: str) -> Labels:
-        """Parse PaddleClas's ``<id> <name>`` format; ids must be 0..N-1 in order."""
-        names = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            idx, _, name = line.partition(" ")
-            if not idx.isdigit() or int(idx) != len(names) or not name:
-                raise ValueError(f"label list line {lineno}: expected '{len(names)} <name>', got {line!r}")
-            names.append(name.strip())
-        return cls(tuple(names))
-
-
-def imagenet_labels() -> Labels:
-    text = resources.files("hrnet_triton").joinpath("data/imagenet1k_label_list.txt").read_text("utf-8")
-    return Labels.parse(text)
+# Triton's admin APIs (shared-memory registration, model loading, statistics, trace, logging)
+# answer only requests that carry this header with the deployment's key: the server is started
+# with --http-restricted-api / --grpc-restricted-protocol naming them (docs/security.md).
+# Inference, health, metadata and model config stay open: a client needs nothing else.
+ADMIN_HEADER = "admin-key"
+ADMIN_KEY_ENV = "HRNET_TRITON_ADMIN_KEY"
+RESTRICTED_APIS = ("shared-memory", "model-repository", "statistics", "trace", "logging")

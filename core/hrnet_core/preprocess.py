@@ -1,7 +1,7 @@
 """PaddleClas-exact image preprocessing: decode -> resize short side -> center crop -> normalize -> CHW.
 
 This reproduces ``deploy/python/preprocess.py`` of PaddleClas with the parameters of
-``deploy/configs/inference_cls.yaml`` (held in :class:`hrnet_triton.contract.PreprocessConfig`):
+``deploy/configs/inference_cls.yaml`` (held in :class:`hrnet_core.contract.PreprocessConfig`):
 
 1. decode with OpenCV to 8-bit, 3 channels (PaddleClas does ``cv2.imread`` then reverses the
    channels to RGB);
@@ -39,15 +39,26 @@ import io
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import cv2
 import imagesize
 import numpy as np
 
-from hrnet_triton.contract import DEFAULT_PREPROCESS, MAX_PIXELS, PreprocessConfig
-from hrnet_triton.errors import ImageError
+from hrnet_core import atomic
+from hrnet_core.contract import DEFAULT_PREPROCESS, MAX_PIXELS, PreprocessConfig
+from hrnet_core.errors import ImageError
 
-__all__ = ["MAX_PIXELS", "decode", "load_tensor", "load_tensors", "preprocess", "preprocess_files", "read_image"]
+__all__ = [
+    "MAX_PIXELS",
+    "decode",
+    "load_tensor",
+    "load_tensors",
+    "preprocess",
+    "preprocess_files",
+    "read_image",
+    "save_tensor",
+]
 
 
 def _check_pixels(width: int, height: int, max_pixels: int, name: str, what: str) -> None:
@@ -186,12 +197,26 @@ def load_tensors(
         return list(pool.map(one, paths))
 
 
-def preprocess_files(
-    paths: Sequence[str | os.PathLike[str]], cfg: PreprocessConfig = DEFAULT_PREPROCESS
-) -> np.ndarray:
+def preprocess_files(paths: Sequence[str | os.PathLike[str]], cfg: PreprocessConfig = DEFAULT_PREPROCESS) -> np.ndarray:
     """Read and preprocess several files into one NCHW batch (any bad file raises ImageError)."""
     tensors = load_tensors(paths, cfg)
     for t in tensors:
         if isinstance(t, ImageError):
             raise t
     return np.stack(tensors)
+
+
+def save_tensor(
+    image: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    cfg: PreprocessConfig = DEFAULT_PREPROCESS,
+    max_pixels: int = MAX_PIXELS,
+) -> tuple[Path, np.ndarray]:
+    """Write the (1, 3, H, W) batch of ``image`` to ``out`` (``.npy`` added if missing), atomically."""
+    x = load_tensor(image, cfg, max_pixels)[np.newaxis]
+    out = Path(out)
+    out = out if out.suffix == ".npy" else out.with_name(out.name + ".npy")
+    with atomic.atomic_path(out, suffix=".npy") as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, x)
+    return out, x

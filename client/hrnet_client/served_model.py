@@ -1,0 +1,169 @@
+"""A model on a Triton server, as a client sees it: the one place that talks to Triton before inference.
+
+:func:`describe` turns a server address and a model name into a :class:`ServedModel`: the
+address for the chosen protocol, the preprocessing contract and ``max_batch_size`` read from
+the model's config, and its labels. Both the client (:mod:`hrnet_client.triton`) and the Locust
+load test use it, so both parse addresses, check the server, and report an unknown model the
+same way.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from hrnet_core.contract import OUTPUT_NAME, PreprocessConfig
+from hrnet_core.errors import HrnetTritonError
+from hrnet_core.labels import Guess, Labels, imagenet_labels
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
+LIVE_RETRIES = 4
+BACKOFF_S = 0.5
+
+
+class Protocol(str, enum.Enum):
+    HTTP = "http"
+    GRPC = "grpc"
+
+    def module(self):
+        """``tritonclient.http`` or ``tritonclient.grpc``."""
+        if self is Protocol.HTTP:
+            import tritonclient.http as tc
+        else:
+            import tritonclient.grpc as tc
+        return tc
+
+
+class ServerUnavailableError(HrnetTritonError):
+    """No Triton server answered at the address."""
+
+
+class UnknownModelError(HrnetTritonError):
+    """The server does not serve the model asked for, or not as an HRNet classifier."""
+
+
+def address(url: str, protocol: Protocol | str, grpc_port: int | None = None) -> str:
+    """``host:port`` for ``protocol`` from ``url``: ``http://host:8000``, ``host:8001`` or ``grpc://host:8001``.
+
+    Without a port the protocol's default is used (8000/8001). ``grpc_port`` takes the gRPC port
+    when ``url`` is the server's HTTP address (as Locust's ``--host`` is), unless the URL's scheme
+    is ``grpc://``.
+    """
+    protocol = Protocol(protocol)
+    parts = urlsplit(url if "//" in url else f"//{url}")
+    try:
+        port = parts.port
+    except ValueError as err:
+        raise HrnetTritonError(f"{url!r}: {err}; expected host[:port], e.g. localhost:8000") from None
+    if not parts.hostname:
+        raise HrnetTritonError(f"{url!r}: expected host[:port], e.g. localhost:8000")
+    if protocol is Protocol.GRPC and grpc_port is not None and parts.scheme != "grpc":
+        port = grpc_port
+    return f"{parts.hostname}:{port or DEFAULT_PORTS[protocol.value]}"
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What a client needs to know of a model on a server, read from the server itself."""
+
+    name: str
+    address: str
+    protocol: Protocol
+    cfg: PreprocessConfig
+    max_batch: int
+    labels: Labels = field(repr=False)
+    config: dict = field(repr=False)
+
+
+def new_client(addr: str, protocol: Protocol, timeout_s: float = 60.0):
+    """A tritonclient for ``addr``; HTTP clients must stay on the thread that made them."""
+    tc = protocol.module()
+    if protocol is Protocol.HTTP:
+        return tc.InferenceServerClient(addr, connection_timeout=timeout_s, network_timeout=timeout_s)
+    return tc.InferenceServerClient(addr)
+
+
+def wait_live(client: Any, addr: str, protocol: Protocol, retries: int = LIVE_RETRIES) -> None:
+    """Return once the server is live; retry with backoff, then raise :class:`ServerUnavailableError`."""
+    from tritonclient.utils import InferenceServerException
+
+    delay, last = BACKOFF_S, "not live"
+    for attempt in range(retries + 1):
+        try:
+            if client.is_server_live():
+                return
+            last = "not live"
+        except (InferenceServerException, OSError, ConnectionError) as err:
+            last = str(err) or type(err).__name__
+        if attempt < retries:
+            log.info("no answer from %s (%s); retrying in %.1f s", addr, last, delay)
+            time.sleep(delay)
+            delay *= 2
+    raise ServerUnavailableError(
+        f"no Triton server answers at {addr} over {protocol.value} after {retries + 1} tries ({last}). "
+        "Start one with `hrnet-triton serve`, or check the address, the port and the protocol"
+    )
+
+
+def _model_config(client: Any, protocol: Protocol, addr: str, model: str) -> dict:
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        if protocol is Protocol.HTTP:
+            return client.get_model_config(model)
+        return client.get_model_config(model, as_json=True)["config"]
+    except InferenceServerException as err:
+        try:
+            index = client.get_model_repository_index(**({} if protocol is Protocol.HTTP else {"as_json": True}))
+            names = sorted({m["name"] for m in (index if protocol is Protocol.HTTP else index.get("models", []))})
+        except InferenceServerException:
+            names = []
+        raise UnknownModelError(
+            f"the server at {addr} has no model {model!r} ({err.message()}); it serves: {', '.join(names) or 'nothing'}"
+        ) from err
+
+
+def describe(
+    client: Any, addr: str, protocol: Protocol | str, model: str, *, retries: int = LIVE_RETRIES
+) -> ServedModel:
+    """Check that the server is live and serves ``model`` with the HRNet contract; describe it."""
+    protocol = Protocol(protocol)
+    wait_live(client, addr, protocol, retries)
+    config = _model_config(client, protocol, addr, model)
+    try:
+        cfg = PreprocessConfig.from_triton_config(config)
+    except ValueError as err:
+        raise UnknownModelError(f"model {model!r} on {addr} does not carry the HRNet contract: {err}") from err
+    outputs = {o.get("name"): o for o in config.get("output", [])}
+    if OUTPUT_NAME not in outputs:
+        raise UnknownModelError(f"model {model!r} on {addr} has no {OUTPUT_NAME!r} output; is it an HRNet classifier?")
+    return ServedModel(
+        name=model,
+        address=addr,
+        protocol=protocol,
+        cfg=cfg,
+        max_batch=int(config.get("max_batch_size", 1)) or 1,
+        labels=imagenet_labels(),
+        config=config,
+    )
+
+
+def parse_classification(entries: np.ndarray) -> list[tuple[Guess, ...]]:
+    """Triton's classification extension output, ``b"<prob>:<id>:<label>"`` per entry, shape (batch, k)."""
+    rows = []
+    for row in np.asarray(entries).reshape(len(entries), -1):
+        guesses = []
+        for entry in row:
+            text = entry.decode() if isinstance(entry, bytes) else str(entry)
+            prob, class_id, label = (text.split(":", 2) + [""])[:3]
+            guesses.append(Guess(int(class_id), label, float(prob)))
+        rows.append(tuple(guesses))
+    return rows

@@ -1,0 +1,263 @@
+"""The ``hrnet-triton`` command line's options: one subparser per command, shared groups as parents.
+
+Every option has help text; options several commands share (the local server's ports, the
+server to ask, the pixel limit, progress bars) are defined once, as argparse parent parsers.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+from hrnet_core.contract import MAX_PIXELS
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"takes positive integers separated by commas, e.g. 1,2,4; got {text!r}")
+    return values
+
+
+def _parent(build: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    build(parser)
+    return parser
+
+
+def _local_server(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("local Triton server")
+    g.add_argument("--http-port", type=int, default=8000, help="HTTP port (default: %(default)s)")
+    g.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default: %(default)s)")
+    g.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default: %(default)s)")
+    g.add_argument(
+        "--serve-env", type=Path, help="the numpy<2 environment the python backend runs in (default: .venv-serve)"
+    )
+
+
+def _remote_server(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Triton server to ask")
+    g.add_argument("--url", help="a Triton server, e.g. localhost:8000 (HTTP) or localhost:8001 (gRPC)")
+    g.add_argument("--model", help="the model's name on the server, e.g. HRNet_W18_C")
+    g.add_argument("--protocol", choices=["http", "grpc"], default="http", help="how to talk to --url (default: http)")
+
+
+def _pixels(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-pixels",
+        type=positive,
+        default=MAX_PIXELS,
+        help=f"refuse images with more pixels than this, before decoding (default: {MAX_PIXELS:,})",
+    )
+
+
+def _progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser(description: str, version: str, commands: dict[str, Command]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hrnet-triton", description=description)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parents = {
+        "server": _parent(_local_server),
+        "remote": _parent(_remote_server),
+        "pixels": _parent(_pixels),
+        "progress": _parent(_progress),
+    }
+    for name, add in _SUBCOMMANDS.items():
+        p = add(sub, parents)
+        p.set_defaults(func=commands[name])
+    return parser
+
+
+def _variants(sub, parents) -> argparse.ArgumentParser:
+    p = sub.add_parser("variants", help="list the ten seed HRNet variants")
+    p.add_argument("--json", action="store_true", help="machine-readable output, with weight URLs")
+    p.add_argument("--urls", action="store_true", help="also print PaddleClas's weight locations")
+    return p
+
+
+def _export(sub, parents) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "export",
+        parents=[parents["progress"]],
+        help="PaddleClas weights -> Paddle inference model -> parity-checked ONNX",
+    )
+    p.add_argument("variant", help="seed model name, e.g. HRNet_W18_C")
+    p.add_argument(
+        "--weights",
+        default="auto",
+        help="'auto' (download PaddleClas's pretrained weights once), 'offline' (seeded, calibrated; labels "
+        "meaningless), a .pdparams file, or a *_infer.tar / inference-model directory (default: auto)",
+    )
+    p.add_argument("--out", type=Path, required=True, help="the ONNX file to write (X.onnx; X.onnx.json beside it)")
+    p.add_argument("--paddle-model-dir", type=Path, help="also keep the Paddle inference model in this directory")
+    p.add_argument("--cache-dir", type=Path, help="where downloads go (default: $HRNET_TRITON_CACHE or the user cache)")
+    return p
+
+
+def _engine(sub, parents) -> argparse.ArgumentParser:
+    p = sub.add_parser("engine", help="ONNX -> TensorRT plan with a batch profile, checked against ONNX Runtime")
+    p.add_argument("variant", help="seed model name, e.g. HRNet_W18_C")
+    p.add_argument("--onnx", type=Path, required=True, help="the exported ONNX model")
+    p.add_argument("--precision", choices=["fp16", "fp32"], default="fp16", help="the plan's precision (default: fp16)")
+    p.add_argument("--max-batch", type=positive, default=32, help="the profile's maximum batch (default: 32)")
+    p.add_argument("--out", type=Path, required=True, help="the plan to write (X.plan; X.plan.json beside it)")
+    p.add_argument("--timing-cache", type=Path, help="persistent timing cache (default: timing.cache beside --out)")
+    p.add_argument(
+        "--skip-if-current",
+        action="store_true",
+        help="keep an existing plan built from the same ONNX file for this GPU, TensorRT version, precision and "
+        "profile (its .plan.json says so)",
+    )
+    return p
+
+
+def _repo(sub, parents) -> argparse.ArgumentParser:
+    p = sub.add_parser("repo", help="write a Triton model repository (configs, labels, models)")
+    p.add_argument(
+        "--target",
+        choices=["gpu", "onnx", "cpu"],
+        required=True,
+        help="gpu: TensorRT plans; onnx: Triton's onnxruntime backend; cpu: python backend + ONNX Runtime",
+    )
+    p.add_argument("--variants", nargs="+", metavar="NAME", help="seed model names (default: all ten)")
+    p.add_argument("--onnx-dir", type=Path, help="directory of exported <NAME>.onnx files (onnx and cpu targets)")
+    p.add_argument("--out", type=Path, required=True, help="the repository directory to write")
+    p.add_argument("--plans-dir", type=Path, help="directory of plans built by `engine` (gpu target; one per GPU arch)")
+    p.add_argument(
+        "--threads",
+        type=positive,
+        help="runtime threads per instance: cpu target (default 1), onnx target (default: one per core of the "
+        "machine; set it to the container's CPU limit)",
+    )
+    p.add_argument("--instance-kind", choices=["cpu", "gpu"], help="override the target's instance kind")
+    p.add_argument(
+        "--max-batch", type=positive, help="max_batch_size (default: the target's; gpu: the plans' profile max)"
+    )
+    p.add_argument("--instances", type=positive, help="model instances (instance_group count; default: the target's)")
+    p.add_argument(
+        "--max-queue-size",
+        type=int,
+        help="requests waiting beyond this are rejected at once (default: the target's; 0: unbounded)",
+    )
+    return p
+
+
+def _serve(sub, parents) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "serve",
+        parents=[parents["server"]],
+        help="run a real Triton server (the nvidia-pytriton wheel's) on a model repository until Ctrl-C/SIGTERM",
+    )
+    p.add_argument("--repo", type=Path, required=True, help="the model repository (e.g. from `repo --target cpu`)")
+    return p
+
+
+def _demo(sub, parents) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "demo",
+        parents=[parents["server"], parents["progress"]],
+        help="export, write the cpu repository, serve it, classify the samples over HTTP and gRPC",
+    )
+    p.add_argument("--variant", default="HRNet_W18_C", help="the seed model to run (default: %(default)s)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("artifacts"),
+        help="where the model, repository and log go (default: %(default)s)",
+    )
+    p.add_argument("--top-k", type=positive, default=3, help="classes printed per image (default: %(default)s)")
+    p.add_argument("--keep-serving", action="store_true", help="keep the server running after the demo")
+    return p
+
+
+def _classify(sub, parents) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "classify", parents=[parents["remote"], parents["pixels"]], help="top-k ImageNet labels for image files"
+    )
+    p.add_argument("images", nargs="*", type=Path, help="image files (JPEG, PNG, BMP, TIFF, WebP)")
+    p.add_argument("--samples", action="store_true", help="also classify the bundled sample photographs")
+    p.add_argument("--onnx", type=Path, help="classify in-process with this exported ONNX model instead of --url")
+    p.add_argument("--top-k", type=positive, default=5, help="how many classes per image (default: 5)")
+    p.add_argument("--batch-size", type=positive, default=8, help="images per inference call (default: 8)")
+    p.add_argument(
+        "--concurrency", type=positive, default=1, help="requests in flight at once, with --url (default: 1)"
+    )
+    p.add_argument(
+        "--shared-memory",
+        action="store_true",
+        help="pass tensors through system shared memory (the server must run on this host)",
+    )
+    p.add_argument(
+        "--server-top-k",
+        action="store_true",
+        help="let the server pick the top-k (Triton's classification extension) instead of the client",
+    )
+    p.add_argument("--workers", type=positive, help="threads decoding images (default: one per core, up to 8)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+def _preprocess(sub, parents) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "preprocess",
+        parents=[parents["remote"], parents["pixels"]],
+        help="write the float32 NCHW tensor `classify` would send for an image",
+    )
+    p.add_argument("image", type=Path, help="an image file")
+    p.add_argument("--out", type=Path, required=True, help="the .npy file to write (shape [1, 3, 224, 224])")
+    return p
+
+
+def _bench(sub, parents) -> argparse.ArgumentParser:
+    p = sub.add_parser("bench", help="sweep concurrency and batch size with Locust; table, CSV and plot")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server's HTTP address (default: %(default)s)")
+    p.add_argument("--model", default="HRNet_W18_C", help="the model's name on the server (default: %(default)s)")
+    p.add_argument(
+        "--protocol", choices=["http", "grpc"], default="http", help="what Locust sends (statistics use HTTP)"
+    )
+    p.add_argument(
+        "--grpc-port", type=int, default=8001, help="the server's gRPC port, for --protocol grpc (default: %(default)s)"
+    )
+    p.add_argument(
+        "--batch-sizes", type=positive_list, default=[1, 8], help="images per request, comma-separated (default: 1,8)"
+    )
+    p.add_argument(
+        "--concurrency",
+        type=positive_list,
+        default=[1, 2, 4, 8],
+        help="Locust users, comma-separated (default: 1,2,4,8)",
+    )
+    p.add_argument("--seconds", type=float, default=20, help="per point (default: 20)")
+    p.add_argument("--out", type=Path, default=Path("bench"), help="where bench.csv/.md/.png go (default: bench/)")
+    return p
+
+
+_SUBCOMMANDS = {
+    "variants": _variants,
+    "export": _export,
+    "engine": _engine,
+    "repo": _repo,
+    "serve": _serve,
+    "demo": _demo,
+    "classify": _classify,
+    "preprocess": _preprocess,
+    "bench": _bench,
+}

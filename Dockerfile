@@ -15,7 +15,7 @@ ARG PYTHON_IMAGE=python:3.12-slim-bookworm
 # Builds the plans on a GPU node: build/plans_in_container.sh with `hrnet-triton engine`.
 FROM nvcr.io/nvidia/tensorrt:${NGC_RELEASE}-py3 AS engine-builder
 COPY . /opt/hrnet-triton
-RUN python3 -m pip install --no-cache-dir "/opt/hrnet-triton[engine]" \
+RUN python3 -m pip install --no-cache-dir -c /opt/hrnet-triton/build/engine-constraints.txt "/opt/hrnet-triton[engine]" \
     && { id -u 1000 >/dev/null 2>&1 || useradd --uid 1000 --create-home --shell /bin/bash hrnet; }
 USER 1000
 WORKDIR /tmp

@@ -17,6 +17,9 @@ image=$(python3 "$repo/core/hrnet_core/release.py" tensorrt-image)
 command -v docker >/dev/null || { echo "build_plans.sh: docker is needed to run $image" >&2; exit 2; }
 docker run --rm --gpus all -e PRECISION="$precision" -e MAX_BATCH="$max_batch" -e MODELS="${MODELS:-}" \
   -v "$repo":/src:ro -v "$artifacts":/artifacts "$image" bash -euo pipefail -c '
-    cp -r /src /tmp/hrnet-triton && python -m pip install --quiet "/tmp/hrnet-triton[engine]"
+    mkdir /tmp/hrnet-triton
+    cp -r /src/pyproject.toml /src/README.md /src/core /src/build /src/client /src/hrnet_triton /src/loadtest \
+      /tmp/hrnet-triton/
+    python3 -m pip install --quiet -c /src/build/engine-constraints.txt "/tmp/hrnet-triton[engine]"
     bash /src/build/plans_in_container.sh /artifacts /artifacts/plans
   '

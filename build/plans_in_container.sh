@@ -7,7 +7,9 @@
 #   plans_in_container.sh ONNX_DIR PLANS_DIR [REPOSITORY]
 #
 # ONNX_DIR holds <MODEL>.onnx from `hrnet-triton export`. Plans go to
-# PLANS_DIR/<MODEL>.sm<CC>.<PRECISION>.plan (+ .plan.json), one per GPU architecture (CC).
+# PLANS_DIR/<MODEL>.sm<CC>.<PRECISION>.plan (+ .plan.json), one per GPU architecture (CC), which
+# `hrnet-triton engine --plans-dir` reads from the CUDA driver (nvidia-smi's compute_cap field
+# does not exist in the R470 drivers that Triton 24.10 still allows on data-center GPUs).
 # A plan already built from the same ONNX file for this GPU, TensorRT version, precision and
 # profile is kept (`hrnet-triton engine --skip-if-current`), so running again is cheap.
 # Environment: MODELS (default: every ONNX_DIR/*.onnx), PRECISION (fp16), MAX_BATCH (32).
@@ -35,17 +37,17 @@ for name in "${models[@]}"; do
   fi
 done
 
-cc=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1 | tr -d '. ')
 mkdir -p "$plans"
 for name in "${models[@]}"; do
   hrnet-triton engine "$name" --onnx "$onnx_dir/$name.onnx" --precision "$precision" --max-batch "$max_batch" \
-    --out "$plans/$name.sm$cc.$precision.plan" --timing-cache "$plans/timing.sm$cc.cache" --skip-if-current
+    --plans-dir "$plans" --skip-if-current
 done
 if [ -n "$repository" ]; then
   # Written beside, then renamed into place: Triton (which loads the repository once, at start)
   # never finds half of it, and an interrupted run leaves the previous repository as it was.
   rm -rf "$repository.partial" "$repository.previous"
-  hrnet-triton repo --target gpu --plans-dir "$plans" --out "$repository.partial" --variants "${models[@]}"
+  hrnet-triton repo --target gpu --plans-dir "$plans" --precision "$precision" --out "$repository.partial" \
+    --variants "${models[@]}"
   if [ -e "$repository" ]; then mv "$repository" "$repository.previous"; fi
   mv "$repository.partial" "$repository"
   rm -rf "$repository.previous"

@@ -85,6 +85,7 @@ def _cmd_engine(args: argparse.Namespace) -> int:
         variants.get(args.variant),
         args.onnx,
         args.out,
+        plans_dir=args.plans_dir,
         precision=Precision(args.precision),
         max_batch=args.max_batch,
         timing_cache=args.timing_cache,
@@ -93,13 +94,13 @@ def _cmd_engine(args: argparse.Namespace) -> int:
     m = result.manifest
     if not result.built:
         print(
-            f"{args.variant}: {args.out} is {result.reason} "
+            f"{args.variant}: {result.path} is {result.reason} "
             f"(cc {m.compute_capability}, TensorRT {m.tensorrt_version}): skipped"
         )
         return 0
     print(
         f"{m.variant}: {m.precision} plan for {m.gpu_name} (cc {m.compute_capability}), TensorRT {m.tensorrt_version}, "
-        f"profile {m.profile.min}/{m.profile.opt}/{m.profile.max} -> {args.out} ({result.reason})\n"
+        f"profile {m.profile.min}/{m.profile.opt}/{m.profile.max} -> {result.path} ({result.reason})\n"
         f"  parity: {m.parity.summary()}"
     )
     return 0
@@ -127,6 +128,7 @@ def _cmd_repo(args: argparse.Namespace) -> int:
         onnx_dir=args.onnx_dir,
         plans_dir=args.plans_dir,
         fit_to_plans=args.max_batch is None,
+        precision=args.precision,
     )
     print(f"wrote {len(written)} {target.value}-target model(s) to {args.out}: {', '.join(p.name for p in written)}")
     return 0

@@ -118,8 +118,16 @@ def _engine(sub, parents) -> argparse.ArgumentParser:
     p.add_argument("--onnx", type=Path, required=True, help="the exported ONNX model")
     p.add_argument("--precision", choices=["fp16", "fp32"], default="fp16", help="the plan's precision (default: fp16)")
     p.add_argument("--max-batch", type=positive, default=32, help="the profile's maximum batch (default: 32)")
-    p.add_argument("--out", type=Path, required=True, help="the plan to write (X.plan; X.plan.json beside it)")
-    p.add_argument("--timing-cache", type=Path, help="persistent timing cache (default: timing.cache beside --out)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", type=Path, help="the plan to write (X.plan; X.plan.json beside it)")
+    where.add_argument(
+        "--plans-dir", type=Path,
+        help="write the plan into this directory as <variant>.sm<CC>.<precision>.plan, CC read from this GPU",
+    )  # fmt: skip
+    p.add_argument(
+        "--timing-cache", type=Path,
+        help="persistent timing cache (default: timing.trt<VERSION>.<GPU>.cache beside the plan)",
+    )  # fmt: skip
     p.add_argument(
         "--skip-if-current",
         action="store_true",
@@ -141,6 +149,10 @@ def _repo(sub, parents) -> argparse.ArgumentParser:
     p.add_argument("--onnx-dir", type=Path, help="directory of exported <NAME>.onnx files (onnx and cpu targets)")
     p.add_argument("--out", type=Path, required=True, help="the repository directory to write")
     p.add_argument("--plans-dir", type=Path, help="directory of plans built by `engine` (gpu target; one per GPU arch)")
+    p.add_argument(
+        "--precision", choices=["fp16", "fp32"], default="fp16",
+        help="gpu target: install the plans of this precision from --plans-dir (default: fp16)",
+    )  # fmt: skip
     p.add_argument(
         "--threads",
         type=positive,

@@ -40,7 +40,11 @@ from .download import sha256_file
 
 log = logging.getLogger(__name__)
 
-WORKSPACE_MIB = 2048
+# The builder's workspace limit caps the tactic scratch each execution context holds on the GPU.
+# At 256 MiB all ten models, two instances each at max batch 32, fit a 16 GB T4 or V100 with 10%
+# headroom (docs/gpu-memory.md); at 2 GiB they would not. A tactic that needs more is skipped.
+WORKSPACE_MIB = 256
+MIN_COMPUTE_CAPABILITY = (7, 0)  # TensorRT 10 supports SM 7.0 (Volta) and newer
 BUILD_SCRIPT = "build/build_plans.sh"
 
 
@@ -63,26 +67,22 @@ PARITY = {
 class EngineResult:
     """What :func:`engine` did: the plan's manifest, and whether it was built or found current."""
 
+    path: Path
     manifest: PlanManifest
     built: bool
     reason: str  # why it was built ("not built yet", "built for precision fp32, now fp16", ...) or kept
 
 
 def stale_reason(
-    plan: Path,
-    onnx_path: Path,
-    precision: Precision,
-    profile: Profile,
-    *,
-    tensorrt_version: str,
-    compute_capability: str,
+    plan: Path, onnx_path: Path, precision: Precision, profile: Profile, *, tensorrt_version: str, device: Device
 ) -> str | None:
     """Why the plan at ``plan`` must be (re)built, or None if it is current.
 
-    Current means: the plan and its manifest exist, and the manifest says it was built from
-    this very ONNX file (sha256) for this GPU architecture, TensorRT version, precision and
-    batch profile. This is what makes ``engine --skip-if-current`` (and so the engine-builder
-    Job) idempotent.
+    Current means: the plan and its manifest exist, and the manifest says it was built from this
+    very ONNX file (sha256) on this GPU model (name and compute capability), with this TensorRT
+    version (as ``tensorrt.__version__`` reports it), precision and batch profile. This is what
+    makes ``engine --skip-if-current`` (and so the engine-builder Job) idempotent. The GPU name
+    counts, not only the compute capability: a plan is tuned for the device that built it.
     """
     if not plan.is_file() or not manifest_path(plan).is_file():
         return "not built yet"
@@ -92,7 +92,8 @@ def stale_reason(
         return str(err)
     wanted = {
         "TensorRT version": (m.tensorrt_version, tensorrt_version),
-        "compute capability": (m.compute_capability, compute_capability),
+        "GPU": (m.gpu_name, device.name),
+        "compute capability": (m.compute_capability, device.cc),
         "precision": (m.precision, precision.value),
         "batch profile": ((m.profile.min, m.profile.opt, m.profile.max), (profile.min, profile.opt, profile.max)),
     }
@@ -158,24 +159,54 @@ def build_plan(
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
     if precision is Precision.FP16:
-        if not builder.platform_has_fast_fp16:
-            log.warning("this GPU has no fast FP16; the FP16 plan may be slower than FP32")
-        config.set_flag(trt.BuilderFlag.FP16)
+        config.set_flag(trt.BuilderFlag.FP16)  # every GPU TensorRT 10 supports (SM 7.0+) has fast FP16
     else:
         config.clear_flag(trt.BuilderFlag.TF32)
     shapes = profile.shapes()
     opt_profile = builder.create_optimization_profile()
     opt_profile.set_shape(INPUT_NAME, shapes["min"], shapes["opt"], shapes["max"])
     config.add_optimization_profile(opt_profile)
-
-    cache_bytes = timing_cache.read_bytes() if timing_cache.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    use_timing_cache(config, timing_cache)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise EngineError(f"TensorRT could not build an engine for {onnx_path} (see the TensorRT log above)")
-    atomic.write_bytes(timing_cache, memoryview(config.get_timing_cache().serialize()).tobytes())
+    save_timing_cache(config, timing_cache)
     return bytes(plan)
+
+
+def use_timing_cache(config, path: Path) -> bool:
+    """Give the builder the timing cache at ``path``; a cache TensorRT refuses (another version or
+    device, or damaged) is replaced by a new, empty one. Returns whether the saved cache was used."""
+    data = path.read_bytes() if path.is_file() else b""
+    if data:
+        if config.set_timing_cache(config.create_timing_cache(data), ignore_mismatch=False):
+            return True
+        log.warning("TensorRT refused the timing cache %s (another TensorRT version or GPU?); starting a new one", path)
+    if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+        raise EngineError("TensorRT refused even an empty timing cache; build without one by deleting --timing-cache")
+    return False
+
+
+def save_timing_cache(config, path: Path) -> None:
+    """Write the builder's timing cache to ``path`` (atomically); a missing cache is logged, not fatal:
+    the plan is already built and must not be lost to it."""
+    cache = config.get_timing_cache()
+    if cache is None:
+        log.warning("TensorRT returned no timing cache after the build; %s was not updated", path)
+        return
+    atomic.write_bytes(path, memoryview(cache.serialize()).tobytes())
+
+
+def timing_cache_path(plans_dir: Path, tensorrt_version: str, device: Device) -> Path:
+    """One timing cache per TensorRT version and GPU model: TensorRT refuses caches from other
+    versions, and timings from one GPU (a T4) mislead the tactic choice on another of the same
+    compute capability (an RTX 2080)."""
+    return plans_dir / f"timing.trt{tensorrt_version}.{device.slug}.cache"
+
+
+def plan_path(plans_dir: Path, variant: str, device: Device, precision: Precision) -> Path:
+    """``plans/HRNet_W18_C.sm75.fp16.plan``: the name `repo` and the engine-builder Job expect."""
+    return plans_dir / f"{variant}.sm{device.cc.replace('.', '')}.{precision.value}.plan"
 
 
 class TensorRTRunner:
@@ -209,65 +240,117 @@ def plan_parity(
 def engine(
     variant: Variant,
     onnx_path: Path,
-    out: Path,
+    out: Path | None = None,
     *,
+    plans_dir: Path | None = None,
     precision: Precision = Precision.FP16,
     max_batch: int = 32,
     timing_cache: Path | None = None,
     images: Sequence[Path] | None = None,
     skip_if_current: bool = False,
 ) -> EngineResult:
-    """Build, check and install the plan for ``variant``.
+    """Build, check and install the plan for ``variant`` at ``out``, or in ``plans_dir`` under the
+    name :func:`plan_path` gives it for this GPU (with the timing cache :func:`timing_cache_path`).
 
-    With ``skip_if_current``, a plan at ``out`` built from the same ONNX file for this GPU, TensorRT
-    version, precision and profile is kept as it is (:func:`stale_reason`).
+    With ``skip_if_current``, a plan built from the same ONNX file for this GPU, TensorRT version,
+    precision and profile is kept as it is (:func:`stale_reason`).
     """
+    if (out is None) == (plans_dir is None):
+        raise EngineError("give the plan's path (--out) or the directory of plans (--plans-dir), not both")
     check_onnx_dynamic_batch(onnx_path)
     profile = Profile.for_max(max_batch)
     trt = require_tensorrt()
-    name, cc = gpu_device()
-    reason = stale_reason(out, onnx_path, precision, profile, tensorrt_version=trt.__version__, compute_capability=cc)
+    device = gpu_device()
+    if plans_dir is not None:
+        out = plan_path(plans_dir, variant.name, device, precision)
+        timing_cache = timing_cache or timing_cache_path(plans_dir, trt.__version__, device)
+    assert out is not None
+    reason = stale_reason(out, onnx_path, precision, profile, tensorrt_version=trt.__version__, device=device)
     if skip_if_current and reason is None:
-        return EngineResult(
-            PlanManifest.read(out), built=False, reason="current: same ONNX, GPU, TensorRT, precision, profile"
-        )
+        current = "current (same ONNX, GPU, TensorRT, precision, profile)"
+        return EngineResult(out, PlanManifest.read(out), built=False, reason=current)
     photos = [Path(p) for p in (images or sample_images())][: profile.max]
     batch = preprocess_files(photos)
-    plan = build_plan(onnx_path, precision, profile, timing_cache=timing_cache or out.parent / "timing.cache")
+    timing_cache = timing_cache or timing_cache_path(out.parent, trt.__version__, device)
+    plan = build_plan(onnx_path, precision, profile, timing_cache=timing_cache)
+    names = [p.name for p in photos]
     report = plan_parity(
-        OnnxRuntimeRunner(onnx_path).run(batch),
-        TensorRTRunner(plan, precision).run(batch),
-        [p.name for p in photos],
-        precision,
+        OnnxRuntimeRunner(onnx_path).run(batch), TensorRTRunner(plan, precision).run(batch), names, precision
     )
     manifest = PlanManifest(
-        variant=variant.name,
-        plan_file=out.name,
-        precision=precision.value,
-        profile=profile,
-        tensorrt_version=trt.__version__,
-        gpu_name=name,
-        compute_capability=cc,
-        onnx_sha256=sha256_file(onnx_path),
-        parity=report,
-    )
+        variant=variant.name, plan_file=out.name, precision=precision.value, profile=profile,
+        tensorrt_version=trt.__version__, gpu_name=device.name, compute_capability=device.cc,
+        onnx_sha256=sha256_file(onnx_path), parity=report,
+    )  # fmt: skip
     atomic.write_bytes(out, plan)
     manifest.write(out)
-    log.info("%s: %s plan for %s (cc %s) written to %s", variant.name, precision.value, name, cc, out)
-    return EngineResult(manifest, built=True, reason=reason or "rebuilt on request")
+    log.info("%s: %s plan for %s (cc %s) written to %s", variant.name, precision.value, device.name, device.cc, out)
+    return EngineResult(out, manifest, built=True, reason=reason or "rebuilt on request")
 
 
-def gpu_device() -> tuple[str, str]:
-    """Device 0's name and compute capability ("7.5"), from the CUDA driver API."""
+@dataclass(frozen=True)
+class Device:
+    """A CUDA device as TensorRT sees it: its name and compute capability ("7.5")."""
+
+    name: str
+    cc: str
+
+    @property
+    def slug(self) -> str:
+        """The name as a file-name part: "Tesla T4" -> "tesla-t4"."""
+        return "-".join("".join(c if c.isalnum() else " " for c in self.name.lower()).split()) or "gpu"
+
+
+_CU_COMPUTE_CAPABILITY_MAJOR, _CU_COMPUTE_CAPABILITY_MINOR = 75, 76
+
+
+def gpu_device(index: int = 0) -> Device:
+    """The name and compute capability of CUDA device ``index``, from the CUDA driver API.
+
+    ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` is set first (unless already set) so that device 0 is the one
+    nvidia-smi lists first, and every driver call is checked.
+    """
     import ctypes
+    import os
 
-    lib = ctypes.CDLL("libcuda.so.1")
-    lib.cuInit(0)
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError as err:
+        raise EngineError(f"no NVIDIA driver (libcuda.so.1) on this machine ({err}): TensorRT needs a GPU") from None
+
+    def check(what: str, code: int) -> None:
+        if code != 0:
+            name = ctypes.c_char_p()
+            lib.cuGetErrorName(code, ctypes.byref(name))
+            raise EngineError(
+                f"the CUDA driver failed {what}: error {code} ({(name.value or b'?').decode()}); "
+                "check nvidia-smi, CUDA_VISIBLE_DEVICES and that the container has the GPU (--gpus all)"
+            )
+
+    check("to initialise (cuInit)", lib.cuInit(0))
     dev = ctypes.c_int()
-    lib.cuDeviceGet(ctypes.byref(dev), 0)
+    check(f"to open device {index} (cuDeviceGet)", lib.cuDeviceGet(ctypes.byref(dev), index))
     buf = ctypes.create_string_buffer(256)
-    lib.cuDeviceGetName(buf, 256, dev)
+    check("to read the device name", lib.cuDeviceGetName(buf, 256, dev))
     major, minor = ctypes.c_int(), ctypes.c_int()
-    lib.cuDeviceGetAttribute(ctypes.byref(major), 75, dev)  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
-    lib.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev)  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR
-    return buf.value.decode(), f"{major.value}.{minor.value}"
+    check(
+        "to read the compute capability",
+        lib.cuDeviceGetAttribute(ctypes.byref(major), _CU_COMPUTE_CAPABILITY_MAJOR, dev),
+    )
+    check(
+        "to read the compute capability",
+        lib.cuDeviceGetAttribute(ctypes.byref(minor), _CU_COMPUTE_CAPABILITY_MINOR, dev),
+    )
+    return require_supported(Device(buf.value.decode(), f"{major.value}.{minor.value}"))
+
+
+def require_supported(device: Device) -> Device:
+    """Refuse a GPU older than TensorRT 10 supports (compute capability 7.0, Volta)."""
+    if tuple(int(x) for x in device.cc.split(".")) < MIN_COMPUTE_CAPABILITY:
+        low = ".".join(map(str, MIN_COMPUTE_CAPABILITY))
+        raise EngineError(
+            f"{device.name} has compute capability {device.cc}; TensorRT {release.TENSORRT_VERSION} builds plans for "
+            f"{low} and newer (Volta, Turing, Ampere, Ada, Hopper). Serve this GPU with the onnx target instead"
+        )
+    return device

@@ -22,7 +22,11 @@ import sys
 
 NGC_RELEASE = "24.10"
 TRITON_VERSION = "2.51.0"
-TENSORRT_VERSION = "10.5.0.18"  # the 24.10 containers' TensorRT (with CUDA 12.6.2 and cuDNN 9.5)
+TENSORRT_VERSION = "10.5.0.18"  # the 24.10 containers' TensorRT (with CUDA 12.6.2 and cuDNN 9.5), as dpkg names it
+# What ``tensorrt.__version__`` reports for that release, and so what plan manifests record:
+# TensorRT's build.sh fills the Python bindings' version with major.minor.patch only, and the
+# 10.5.0.18 release ships its wheel as tensorrt 10.5.0. Compare manifests with this one.
+TENSORRT_PYTHON_VERSION = ".".join(TENSORRT_VERSION.split(".")[:3])
 PYTRITON_VERSION = "0.7.0"  # its wheel carries tritonserver TRITON_VERSION, for the cpu target
 
 TRITON_IMAGE = f"nvcr.io/nvidia/tritonserver:{NGC_RELEASE}-py3"

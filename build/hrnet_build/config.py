@@ -1,0 +1,250 @@
+"""Triton model configs: :class:`RepositoryOptions` -> ``ModelConfig`` -> ``config.pbtxt``, and back.
+
+Configs are built as ``ModelConfig`` messages of Triton's own protobuf definitions
+(``tritonclient.grpc.model_config_pb2``) and written in its text format, so whatever this
+module writes is a config Triton can parse. :func:`model_config` generates one from a
+:class:`RepositoryOptions` (a frozen value, validated once and passed whole);
+:func:`options_from_config` reads the options back, so the generator and the parser are checked
+against each other. Each target's defaults are ``RepositoryOptions.for_target``, explained in
+docs/repository.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass
+
+from hrnet_core.contract import (
+    CHANNELS,
+    CROP_SIZE,
+    DEFAULT_PREPROCESS,
+    INPUT_NAME,
+    NUM_CLASSES,
+    OUTPUT_NAME,
+    PreprocessConfig,
+    triton_parameters,
+)
+from hrnet_core.errors import HrnetTritonError
+from hrnet_core.variants import Variant
+
+LABELS_FILE = "labels.txt"
+PLAN_FILE = "model.plan"
+ONNX_FILE = "model.onnx"
+
+
+class Target(str, enum.Enum):
+    GPU = "gpu"
+    ONNX = "onnx"
+    CPU = "cpu"
+
+
+class InstanceKind(str, enum.Enum):
+    CPU = "cpu"
+    GPU = "gpu"
+
+
+@dataclass(frozen=True)
+class RepositoryOptions:
+    """How one target serves each model: batching, queueing, instances and threads.
+
+    Every field is checked here, once; the rest of the stage trusts it.
+    """
+
+    max_batch_size: int
+    preferred_batch_sizes: tuple[int, ...]
+    max_queue_delay_us: int
+    max_queue_size: int  # requests waiting beyond this are rejected at once (0: unbounded)
+    queue_timeout_us: int  # a request that waited this long is rejected
+    instances: int
+    instance_kind: InstanceKind
+    threads: int | None = None  # runtime threads per instance (cpu and onnx targets)
+    cuda_graph_batch_sizes: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        sizes = (*self.preferred_batch_sizes, *self.cuda_graph_batch_sizes)
+        if self.max_batch_size < 1 or any(not 1 <= s <= self.max_batch_size for s in sizes):
+            raise HrnetTritonError(f"batch sizes {sizes} must lie in 1..max_batch_size={self.max_batch_size}")
+        for name, low in (("instances", 1), ("max_queue_size", 0), ("max_queue_delay_us", 0), ("queue_timeout_us", 0)):
+            if getattr(self, name) < low:
+                raise HrnetTritonError(f"{name} must be at least {low}, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise HrnetTritonError(f"threads must be at least 1, got {self.threads}")
+        object.__setattr__(self, "instance_kind", InstanceKind(self.instance_kind))
+
+    @classmethod
+    def for_target(cls, target: Target) -> RepositoryOptions:
+        """The target's defaults (docs/repository.md gives the measurements behind them)."""
+        return _DEFAULTS[Target(target)]
+
+    def with_max_batch(self, max_batch: int) -> RepositoryOptions:
+        """Another ``max_batch_size``; preferred and CUDA-graph sizes above it are dropped."""
+        preferred = tuple(s for s in self.preferred_batch_sizes if s <= max_batch)
+        return dataclasses.replace(
+            self,
+            max_batch_size=max_batch,
+            preferred_batch_sizes=preferred or ((max_batch,) if self.preferred_batch_sizes else ()),
+            cuda_graph_batch_sizes=tuple(s for s in self.cuda_graph_batch_sizes if s <= max_batch),
+        )
+
+    def override(
+        self,
+        *,
+        max_batch: int | None = None,
+        instances: int | None = None,
+        max_queue_size: int | None = None,
+        threads: int | None = None,
+        instance_kind: str | None = None,
+    ) -> RepositoryOptions:
+        """These options with the given fields changed (None keeps a field); validated again."""
+        out = self if max_batch is None else self.with_max_batch(max_batch)
+        changes = {"instances": instances, "max_queue_size": max_queue_size, "threads": threads}
+        changes["instance_kind"] = instance_kind
+        return dataclasses.replace(out, **{k: v for k, v in changes.items() if v is not None})
+
+
+_DEFAULTS: dict[Target, RepositoryOptions] = {
+    # T4/V100: batch 8 costs 1.4-5.5x batch 1 for 8x the images, and a 1 ms window is small
+    # against 6-40 ms of compute (seed table; docs/repository.md). Two instances overlap
+    # copies with compute.
+    Target.GPU: RepositoryOptions(
+        32, (8, 16, 32), 1000, 256, 2_000_000, 2, InstanceKind.GPU, cuda_graph_batch_sizes=(1, 8, 16, 32)
+    ),
+    # ONNX Runtime on CPU gains little from big batches; 8 keeps latency bounded.
+    Target.ONNX: RepositoryOptions(16, (4, 8), 2000, 64, 5_000_000, 1, InstanceKind.CPU),
+    # The embedded default on a 2-core machine: two instances of one ONNX Runtime thread each
+    # beat one instance of two threads (HRNet's many small low-resolution ops scale poorly
+    # across threads), and no preferred sizes or delay: an instance takes whatever is waiting
+    # when it frees up, instead of merging two concurrent requests onto one instance while the
+    # other idles (measured in docs/repository.md).
+    Target.CPU: RepositoryOptions(8, (), 0, 32, 5_000_000, 2, InstanceKind.CPU, threads=1),
+}
+
+
+def _pb():
+    try:
+        from tritonclient.grpc import model_config_pb2
+    except ImportError as err:  # pragma: no cover - exercised only without the extra
+        raise HrnetTritonError("writing Triton configs needs tritonclient: pip install 'hrnet-triton[client]'") from err
+    return model_config_pb2
+
+
+# -- generator: options -> ModelConfig ------------------------------------------------------------
+
+
+def model_config(
+    variant: Variant,
+    target: Target,
+    options: RepositoryOptions | None = None,
+    *,
+    preprocess: PreprocessConfig = DEFAULT_PREPROCESS,
+    cc_model_filenames: dict[str, str] | None = None,
+):
+    """The ``ModelConfig`` message for ``variant`` on ``target`` (``options``: the target's defaults).
+
+    For ``gpu``, ``cc_model_filenames`` maps compute capabilities ("7.5") to plan files in the
+    version directory.
+    """
+    pb = _pb()
+    o = options or RepositoryOptions.for_target(target)
+    cfg = pb.ModelConfig(name=variant.name, max_batch_size=o.max_batch_size)
+    _set_runtime(cfg, target, cc_model_filenames)
+    cfg.input.add(name=INPUT_NAME, data_type=pb.TYPE_FP32, dims=[CHANNELS, CROP_SIZE, CROP_SIZE])
+    cfg.output.add(name=OUTPUT_NAME, data_type=pb.TYPE_FP32, dims=[NUM_CLASSES], label_filename=LABELS_FILE)
+    _set_batching(cfg, o)
+    kind = pb.ModelInstanceGroup.KIND_GPU if o.instance_kind is InstanceKind.GPU else pb.ModelInstanceGroup.KIND_CPU
+    cfg.instance_group.add(count=o.instances, kind=kind)
+    cfg.version_policy.latest.num_versions = 1
+    if o.cuda_graph_batch_sizes:
+        cfg.optimization.cuda.graphs = True
+        for size in o.cuda_graph_batch_sizes:
+            cfg.optimization.cuda.graph_spec.add(batch_size=size)
+    for size in sorted({1, o.max_batch_size}):
+        warm = cfg.model_warmup.add(name=f"random_batch_{size}", batch_size=size)
+        warm.inputs[INPUT_NAME].data_type = pb.TYPE_FP32
+        warm.inputs[INPUT_NAME].dims.extend([CHANNELS, CROP_SIZE, CROP_SIZE])
+        # zeros, not random_data: random bytes read as float32 hold NaN and Inf, which the cpu target refuses
+        warm.inputs[INPUT_NAME].zero_data = True
+    params = {"variant": variant.name, **preprocess.to_parameters(), **_thread_parameters(target, o.threads)}
+    for key, value in params.items():
+        cfg.parameters[key].string_value = value
+    return cfg
+
+
+def _set_runtime(cfg, target: Target, cc_model_filenames: dict[str, str] | None) -> None:
+    if target is Target.GPU:
+        cfg.platform = "tensorrt_plan"
+        for cc, filename in sorted((cc_model_filenames or {}).items()):
+            cfg.cc_model_filenames[cc] = filename
+        cfg.default_model_filename = PLAN_FILE
+        if cc_model_filenames:
+            newest = max(cc_model_filenames, key=lambda cc: tuple(int(x) for x in cc.split(".")))
+            cfg.default_model_filename = cc_model_filenames[newest]
+    elif target is Target.ONNX:
+        cfg.backend = "onnxruntime"
+        cfg.default_model_filename = ONNX_FILE
+    else:
+        cfg.backend = "python"
+
+
+def _set_batching(cfg, o: RepositoryOptions) -> None:
+    pb = _pb()
+    db = cfg.dynamic_batching
+    db.preferred_batch_size.extend(o.preferred_batch_sizes)
+    db.max_queue_delay_microseconds = o.max_queue_delay_us
+    policy = db.default_queue_policy
+    policy.timeout_action = pb.ModelQueuePolicy.REJECT
+    policy.default_timeout_microseconds = o.queue_timeout_us
+    policy.allow_timeout_override = True
+    policy.max_queue_size = o.max_queue_size
+
+
+# The parameter each runtime reads its thread count from. Triton's onnxruntime backend reads
+# intra_op_thread_count; without it ONNX Runtime starts a thread per core of the machine, which
+# in a container is the node's cores, not the pod's CPU limit.
+_THREADS_PARAMETER = {Target.CPU: "onnx_intra_op_threads", Target.ONNX: "intra_op_thread_count"}
+
+
+def _thread_parameters(target: Target, threads: int | None) -> dict[str, str]:
+    key = _THREADS_PARAMETER.get(target)
+    return {key: str(threads)} if key and threads is not None else {}
+
+
+# -- parser: config.pbtxt -> ModelConfig -> options -----------------------------------------------
+
+
+def config_text(cfg) -> str:
+    from google.protobuf import text_format
+
+    return text_format.MessageToString(cfg)
+
+
+def parse_config(text: str):
+    """Parse ``config.pbtxt`` text with Triton's protobuf definitions."""
+    from google.protobuf import text_format
+
+    return text_format.Parse(text, _pb().ModelConfig())
+
+
+def target_of(cfg) -> Target:
+    if cfg.platform == "tensorrt_plan":
+        return Target.GPU
+    return Target.ONNX if cfg.backend == "onnxruntime" else Target.CPU
+
+
+def options_from_config(cfg) -> RepositoryOptions:
+    """The :class:`RepositoryOptions` a ``ModelConfig`` was written from (the inverse of :func:`model_config`)."""
+    pb = _pb()
+    db, group = cfg.dynamic_batching, cfg.instance_group[0]
+    threads = triton_parameters(cfg).get(_THREADS_PARAMETER.get(target_of(cfg), ""))
+    return RepositoryOptions(
+        max_batch_size=cfg.max_batch_size,
+        preferred_batch_sizes=tuple(db.preferred_batch_size),
+        max_queue_delay_us=db.max_queue_delay_microseconds,
+        max_queue_size=db.default_queue_policy.max_queue_size,
+        queue_timeout_us=db.default_queue_policy.default_timeout_microseconds,
+        instances=group.count,
+        instance_kind=InstanceKind.GPU if group.kind == pb.ModelInstanceGroup.KIND_GPU else InstanceKind.CPU,
+        threads=int(threads) if threads else None,
+        cuda_graph_batch_sizes=tuple(g.batch_size for g in cfg.optimization.cuda.graph_spec),
+    )

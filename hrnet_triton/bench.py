@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from hrnet_core import atomic
+from hrnet_core.contract import ADMIN_HEADER, ADMIN_KEY_ENV
 from hrnet_core.errors import HrnetTritonError
 
 log = logging.getLogger(__name__)
@@ -48,11 +50,20 @@ class Point:
     server_compute_ms: float
 
 
-def model_stats(url: str, model: str) -> dict:
+def model_stats(url: str, model: str, admin_key: str | None = None) -> dict:
+    """The model's statistics from Triton's statistics API, with the admin key if the server restricts it."""
+    headers = {ADMIN_HEADER: admin_key} if admin_key else {}
+    request = urllib.request.Request(f"{url}/v2/models/{model}/stats", headers=headers)
     try:
-        with urllib.request.urlopen(f"{url}/v2/models/{model}/stats", timeout=10) as r:
+        with urllib.request.urlopen(request, timeout=10) as r:
             return json.load(r)["model_stats"][0]
     except urllib.error.HTTPError as err:
+        if err.code in (401, 403):
+            given = "the admin key given was refused" if admin_key else "no admin key was given"
+            raise HrnetTritonError(
+                f"the server at {url} restricts its statistics API and {given} ({err.code}); pass the server's key "
+                f"with --admin-key or ${ADMIN_KEY_ENV} (`hrnet-triton serve` prints it when it makes one)"
+            ) from err
         raise HrnetTritonError(
             f"the server at {url} has no statistics for model {model!r} ({err.code}); check --model"
         ) from err
@@ -88,13 +99,21 @@ def _locust_command(
 
 
 def run_point(
-    url: str, model: str, protocol: str, grpc_port: int, batch: int, concurrency: int, seconds: float, work: Path
+    url: str,
+    model: str,
+    protocol: str,
+    grpc_port: int,
+    batch: int,
+    concurrency: int,
+    seconds: float,
+    work: Path,
+    admin_key: str | None = None,
 ) -> Point:
     prefix = work / f"b{batch}-c{concurrency}"
-    before = model_stats(url, model)
+    before = model_stats(url, model, admin_key)
     command = [*_locust_command(url, model, protocol, grpc_port, batch, concurrency, seconds), "--csv", str(prefix)]
     run = subprocess.run(command, capture_output=True, text=True, cwd=work)
-    after = model_stats(url, model)
+    after = model_stats(url, model, admin_key)
     if run.returncode != 0:
         tail = "\n".join(line for line in run.stderr.splitlines() if "ERROR" in line)[-2000:]
         raise HrnetTritonError(
@@ -175,16 +194,21 @@ def sweep(
     concurrencies: list[int],
     seconds: float,
     out: Path,
+    admin_key: str | None = None,
 ) -> list[Point]:
+    """One point per batch size and concurrency; ``admin_key`` (default: ``$HRNET_TRITON_ADMIN_KEY``) reads stats."""
     if not locustfile().is_file():
         raise HrnetTritonError(f"{locustfile()} is missing; reinstall hrnet-triton with the loadtest extra")
     url = url.rstrip("/") if "//" in url else f"http://{url}".rstrip("/")
-    model_stats(url, model)  # fail early: no server, or no such model
+    admin_key = admin_key or os.environ.get(ADMIN_KEY_ENV)
+    model_stats(url, model, admin_key)  # fail early: no server, no such model, or no key
     points = []
     with tempfile.TemporaryDirectory(prefix="hrnet-bench-") as tmp:
         for batch in batch_sizes:
             for concurrency in concurrencies:
-                points.append(run_point(url, model, protocol, grpc_port, batch, concurrency, seconds, Path(tmp)))
+                points.append(
+                    run_point(url, model, protocol, grpc_port, batch, concurrency, seconds, Path(tmp), admin_key)
+                )
                 p = points[-1]
                 log.info(
                     "batch %d, concurrency %d: %.1f images/s, p50 %.0f ms, p95 %.0f ms, queue %.0f ms, compute %.0f ms",

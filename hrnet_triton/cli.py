@@ -59,7 +59,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     variant = variants.get(args.variant)
     m = export_onnx(
         variant,
-        WeightsSpec.parse(args.weights),
+        WeightsSpec.parse(args.weights, allow_unpinned=args.allow_unpinned_weights),
         args.out,
         paddle_model_dir=args.paddle_model_dir,
         cache=args.cache_dir,
@@ -135,21 +135,29 @@ def _cmd_repo(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from hrnet_triton.server import LocalTritonServer, default_serve_env, sigterm_as_interrupt
+    from hrnet_triton.server import LocalTritonServer, admin_key_notice, default_serve_env, sigterm_as_interrupt
 
     sigterm_as_interrupt()
     server = LocalTritonServer(
-        args.repo, serve_env=args.serve_env or default_serve_env(), ports=_ports(args), forward_log=True
+        args.repo,
+        serve_env=args.serve_env or default_serve_env(),
+        ports=_ports(args),
+        forward_log=True,
+        host=args.host,
+        admin_key=args.admin_key,
     )
     try:
         server.start()
-        p = server.ports
+        notice = admin_key_notice(server)
+        if notice:
+            print(notice, file=sys.stderr, flush=True)
+        p, where = server.ports, server.connect_host
         print(
-            f"Triton is serving {args.repo}: HTTP {server.http_url}, gRPC 127.0.0.1:{p.grpc}, "
-            f"metrics http://127.0.0.1:{p.metrics}/metrics. Ctrl-C stops it.",
+            f"Triton is serving {args.repo}, listening on {args.host}: HTTP {server.http_url}, gRPC {where}:{p.grpc}, "
+            f"metrics http://{where}:{p.metrics}/metrics. Ctrl-C stops it.",
             flush=True,
         )
-        return server.wait()
+        server.wait()  # returns only by raising: tritonserver ended by itself
     except KeyboardInterrupt:
         print("stopping Triton", file=sys.stderr)
         return 0
@@ -166,6 +174,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         args.out,
         ports=_ports(args),
         serve_env=args.serve_env or default_serve_env(),
+        host=args.host,
+        admin_key=args.admin_key,
         top_k=args.top_k,
         keep_serving=args.keep_serving,
         progress=not args.no_progress,
@@ -173,13 +183,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_classify(args: argparse.Namespace) -> int:
-    from hrnet_client.classify import RunnerClassifier, format_predictions
+    import contextlib
+    import itertools
+
+    from hrnet_client.classify import RunnerClassifier, read_paths, write_predictions
     from hrnet_core.runtime import OnnxRuntimeRunner
     from hrnet_core.samples import sample_images
 
-    images = [*args.images, *(sample_images() if args.samples else [])]
-    if not images:
-        raise HrnetTritonError("no images given: name image files, or pass --samples for the bundled photographs")
+    if not (args.images or args.samples or args.files_from):
+        raise HrnetTritonError(
+            "no images given: name image files, list them with --files-from, "
+            "or pass --samples for the bundled photographs"
+        )
     if (args.onnx is None) == (args.url is None):
         raise HrnetTritonError("give either --url (a Triton server) with --model, or --onnx (in-process)")
     if args.onnx is not None:
@@ -190,16 +205,20 @@ def _cmd_classify(args: argparse.Namespace) -> int:
         classifier = RunnerClassifier(OnnxRuntimeRunner(args.onnx))
     else:
         classifier = _triton_classifier(
-            args, concurrency=args.concurrency, shared_memory=args.shared_memory, server_top_k=args.server_top_k
+            args,
+            concurrency=args.concurrency,
+            shared_memory=args.shared_memory,
+            server_top_k=args.server_top_k,
+            retry_s=args.retry_seconds,
+            admin_key=args.admin_key,
         )
-    with classifier:
-        preds = classifier.classify_files(
-            images, k=args.top_k, batch_size=args.batch_size, workers=args.workers, max_pixels=args.max_pixels
-        )
-    print(format_predictions(preds, as_json=args.json))
-    failed = [p for p in preds if p.error]
+    listed = read_paths(args.files_from) if args.files_from else ()
+    images = itertools.chain(args.images, listed, sample_images() if args.samples else ())
+    options = {"workers": args.workers, "max_pixels": args.max_pixels, "max_bytes": args.max_bytes}
+    with classifier, contextlib.closing(classifier.iter_files(images, args.top_k, args.batch_size, **options)) as preds:
+        written, failed = write_predictions(preds, sys.stdout, as_json=args.json)
     if failed:
-        log.error("%d of %d images could not be classified", len(failed), len(preds))
+        log.error("%d of %d images could not be classified", failed, written)
         return 2
     return 0
 
@@ -229,6 +248,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         concurrencies=args.concurrency,
         seconds=args.seconds,
         out=args.out,
+        admin_key=args.admin_key,
     )
     written = write_results(points, args.out, title_for(args.url, args.model, args.protocol, args.seconds))
     print((args.out / "bench.md").read_text())

@@ -14,7 +14,7 @@ from hrnet_client.triton import TritonClassifier
 from hrnet_core import variants
 from hrnet_core.samples import sample_images
 
-from .server import LocalTritonServer, Ports, sigterm_as_interrupt
+from .server import LocalTritonServer, Ports, admin_key_notice, sigterm_as_interrupt
 
 
 def run(
@@ -23,11 +23,17 @@ def run(
     *,
     ports: Ports,
     serve_env: Path,
+    host: str = "127.0.0.1",
+    admin_key: str | None = None,
     top_k: int = 3,
     keep_serving: bool = False,
     progress: bool = True,
 ) -> int:
-    """Run the demo, printing as it goes; return the exit code."""
+    """Run the demo, printing as it goes; return the exit code.
+
+    Its classification uses no admin API, so the admin key (``admin_key``, else
+    ``$HRNET_TRITON_ADMIN_KEY``, else a random one) is printed only with ``keep_serving``.
+    """
     variant = variants.get(variant_name)
     onnx = out / f"{variant.name}.onnx"
     if not onnx.is_file():
@@ -36,21 +42,26 @@ def run(
     repo = out / "repository-cpu"
     write_repository(Target.CPU, [variant], repo, onnx_dir=out)
     sigterm_as_interrupt()
-    server = LocalTritonServer(repo, serve_env=serve_env, ports=ports, log_file=out / "triton.log")
+    server = LocalTritonServer(
+        repo, serve_env=serve_env, ports=ports, log_file=out / "triton.log", host=host, admin_key=admin_key
+    )
     try:
         server.start()
         print(
-            f"Triton {variant.name} (cpu target) at HTTP {server.http_url}, gRPC 127.0.0.1:{ports.grpc}; "
-            f"log {out / 'triton.log'}"
+            f"Triton {variant.name} (cpu target) listening on {host}: HTTP {server.http_url}, "
+            f"gRPC {server.connect_host}:{ports.grpc}; log {out / 'triton.log'}"
         )
         for protocol, port in (("http", ports.http), ("grpc", ports.grpc)):
-            with TritonClassifier(f"127.0.0.1:{port}", variant.name, protocol) as classifier:
+            with TritonClassifier(f"{server.connect_host}:{port}", variant.name, protocol) as classifier:
                 preds = classifier.classify_files(sample_images(), k=top_k)
             print(f"\n== over {protocol.upper()} ==\n{format_predictions(preds)}", flush=True)
         print("\nNOTE: offline weights: these labels are meaningless (export with --weights auto for real ones).")
         if keep_serving:
+            notice = admin_key_notice(server)
+            if notice:
+                print(notice, file=sys.stderr)
             print(f"still serving at {server.http_url}; Ctrl-C stops it", flush=True)
-            server.wait()
+            server.wait()  # returns only by raising: tritonserver ended by itself
         return 0
     except KeyboardInterrupt:
         return 0

@@ -10,7 +10,7 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from hrnet_core.contract import MAX_PIXELS
+from hrnet_core.contract import ADMIN_HEADER, ADMIN_KEY_ENV, MAX_PIXELS
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -45,6 +45,17 @@ def _local_server(p: argparse.ArgumentParser) -> None:
     g.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default: %(default)s)")
     g.add_argument(
         "--serve-env", type=Path, help="the numpy<2 environment the python backend runs in (default: .venv-serve)"
+    )
+    g.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="the address to listen on, e.g. 0.0.0.0 for every interface (default: %(default)s, this machine only)",
+    )
+    g.add_argument(
+        "--admin-key",
+        help=f"the key Triton's admin APIs (statistics, shared memory, logging, ...) require in header "
+        f"{ADMIN_HEADER!r} (default: ${ADMIN_KEY_ENV}, else a random one, printed); prefer the variable: "
+        "options show in `ps`",
     )
 
 
@@ -109,6 +120,12 @@ def _export(sub, parents) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="the ONNX file to write (X.onnx; X.onnx.json beside it)")
     p.add_argument("--paddle-model-dir", type=Path, help="also keep the Paddle inference model in this directory")
     p.add_argument("--cache-dir", type=Path, help="where downloads go (default: $HRNET_TRITON_CACHE or the user cache)")
+    p.add_argument(
+        "--allow-unpinned-weights",
+        action="store_true",
+        help="with --weights auto, download weights that have no SHA-256 pinned in the variant table "
+        "(a tampered or damaged file would go unnoticed)",
+    )
     return p
 
 
@@ -223,7 +240,37 @@ def _classify(sub, parents) -> argparse.ArgumentParser:
         help="let the server pick the top-k (Triton's classification extension) instead of the client",
     )
     p.add_argument("--workers", type=positive, help="threads decoding images (default: one per core, up to 8)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--files-from",
+        metavar="FILE",
+        help="also classify the paths listed in FILE, one a line ('-': standard input), read as the run goes",
+    )
+    p.add_argument(
+        "--max-bytes",
+        type=positive,
+        help="refuse image files larger than this, unread (default: 3 bytes per --max-pixels pixel + 1 MiB)",
+    )
+
+    def seconds(text: str) -> float:
+        value = float(text)
+        if not value >= 0:
+            raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text}")
+        return value
+
+    p.add_argument(
+        "--retry-seconds",
+        type=seconds,
+        default=30.0,
+        help="with --url, resend a batch that found the server gone or overloaded, with backoff, until the "
+        "outage has lasted this long (default: %(default)g; 0: never)",
+    )
+    p.add_argument(
+        "--admin-key",
+        default=None,
+        help="the server's admin key, for --shared-memory when its admin APIs are restricted "
+        "(default: $HRNET_TRITON_ADMIN_KEY; prefer the variable, which other users cannot see in ps)",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output: a JSON array, one element a line")
     return p
 
 
@@ -258,6 +305,11 @@ def _bench(sub, parents) -> argparse.ArgumentParser:
         help="Locust users, comma-separated (default: 1,2,4,8)",
     )
     p.add_argument("--seconds", type=float, default=20, help="per point (default: 20)")
+    p.add_argument(
+        "--admin-key",
+        help=f"the server's admin key, for its statistics API (default: ${ADMIN_KEY_ENV}); prefer the variable: "
+        "options show in `ps`",
+    )
     p.add_argument("--out", type=Path, default=Path("bench"), help="where bench.csv/.md/.png go (default: bench/)")
     return p
 

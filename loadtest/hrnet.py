@@ -5,20 +5,22 @@
         --model HRNet_W18_C --protocol grpc --batch-size 8 --max-p95-ms 2000 --csv out/w18
 
 Every option below also reads a ``LOCUST_…`` environment variable (``--batch-size`` ->
-``LOCUST_BATCH_SIZE``) and shows in the web UI. gRPC talks to ``--grpc-port`` (default 8001)
+``LOCUST_BATCH_SIZE``); docs/loadtest.md lists them. gRPC talks to ``--grpc-port`` (default 8001)
 on the ``--host``'s machine, unless the host is written ``grpc://HOST:PORT``.
 
 Each user decodes and preprocesses the images once, when it starts, with the parameters from
 the model's config on the server (as ``hrnet-triton classify`` does); ``--preprocess-in-loop``
 moves that work into every request instead. Each request is reported to Locust under the
 model's name, and each answer is checked: its shape, that every row is a probability
-distribution, and that the top-1 class is in the label set. A wrong answer counts as a failure.
+distribution, and that the top-1 class is in the label set. A wrong answer counts as a failure,
+after which the user backs off (``--failure-backoff-ms``). The end-of-run line gives the goodput.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import random
 import sys
 import time
 from pathlib import Path
@@ -28,10 +30,10 @@ import numpy as np
 from locust import LoadTestShape, User, events, task
 from locust.runners import MasterRunner, WorkerRunner
 
-from hrnet_client.served_model import Protocol, ServedModel, address, describe, new_client
-from hrnet_core.contract import INPUT_NAME, NUM_CLASSES, OUTPUT_NAME
-from hrnet_core.errors import HrnetTritonError
-from hrnet_core.preprocess import load_tensor
+from hrnet_client.served_model import Protocol, ServedModel, address, choose, new_client
+from hrnet_core.contract import INPUT_KINDS, NUM_CLASSES, OUTPUT_NAME
+from hrnet_core.errors import HrnetTritonError, ImageError
+from hrnet_core.preprocess import try_load_tensor
 from hrnet_core.samples import sample_images
 
 grpc_gevent.init_gevent()  # gRPC's own threads would block Locust's event loop otherwise
@@ -41,13 +43,19 @@ log = logging.getLogger("hrnet.loadtest")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
-class LoadTestSetupError(Exception):
+class LoadTestSetupError(HrnetTritonError):
     """The load test cannot start: a message for the person running it, not a traceback."""
+
+
+class RequestFailed(HrnetTritonError):
+    """A request the server failed, with the server's words: what Locust records and reports."""
 
 
 # Every option, with its default and help; each also reads LOCUST_<NAME> (--batch-size: LOCUST_BATCH_SIZE).
 OPTIONS: dict[str, dict] = {
-    "--model": dict(default="HRNet_W18_C", help="the model's name on the server"),
+    "--model": dict(default="HRNet_W18_C", help="the variant on the server, or a served model (HRNet_W18_C_image)"),
+    "--input": dict(choices=INPUT_KINDS, help="what is sent: tensor, uint8 (the crop) or image (the files' bytes); "
+                    "default: the best the server offers for --model, image, else uint8, else tensor"),
     "--protocol": dict(
         choices=["http", "grpc"], default="http",
         help="how requests are sent: HTTP to --host, or gRPC to --grpc-port on --host's machine",
@@ -56,8 +64,8 @@ OPTIONS: dict[str, dict] = {
     "--batch-size": dict(type=int, default=1, help="images per request"),
     "--payload": dict(
         choices=["tensor", "tiny"], default="tensor",
-        help="tensor: the preprocessed images; tiny: a 1x1-pixel tensor per image, to measure the harness itself "
-        "against a model that accepts any size",
+        help="tensor: the images, in --input's form; tiny: a 1x1-pixel float32 tensor per image (whatever "
+        "--input), to measure the harness itself against a model that accepts any size",
     ),
     "--images": dict(default="", help="a folder of images (default: the bundled sample photographs)"),
     "--top-k": dict(
@@ -72,6 +80,12 @@ OPTIONS: dict[str, dict] = {
     "--step-users": dict(type=int, default=1, help="with --shape step: users added at each step (default 1)"),
     "--step-seconds": dict(type=float, default=30.0, help="with --shape step: seconds between steps (default 30)"),
     "--ramp-seconds": dict(type=float, default=60.0, help="with --shape ramp: seconds from 0 to -u users (default 60)"),
+    "--failure-backoff-ms": dict(
+        type=float, default=100.0,
+        help="after a failed request the user waits this long (with jitter) before its next one, doubling with each "
+        "failure in a row up to --failure-backoff-max-ms; a success resets it (default 100; 0: retry at once)",
+    ),
+    "--failure-backoff-max-ms": dict(type=float, default=5000.0, help="the longest wait after failures (default 5000)"),
     "--max-p95-ms": dict(
         type=float, default=0.0, help="exit non-zero if the 95th-percentile latency is above this (0: no limit)"
     ),
@@ -87,6 +101,38 @@ def _options(parser) -> None:
     group = parser.add_argument_group("HRNet on Triton")
     for flag, settings in OPTIONS.items():
         group.add_argument(flag, env_var="LOCUST_" + flag[2:].upper().replace("-", "_"), **settings)
+
+
+# -- tritonclients: each closed exactly once, while gevent's hub runs. A gRPC client left open, or closed
+# twice (its __del__ closes again), hangs the process at exit: docs/loadtest.md, "Why every client is closed once".
+
+_open_clients: set = set()
+
+
+def open_client(addr: str, protocol: Protocol):
+    client = new_client(addr, protocol)
+    _open_clients.add(client)
+    return client
+
+
+def close_client(client) -> None:
+    if client not in _open_clients:
+        return
+    _open_clients.discard(client)
+    try:
+        client.close()
+    except Exception as err:  # noqa: BLE001 - a client that cannot close cleanly is still done with
+        log.warning("closing a %s client failed (%s); the run goes on", type(client).__module__, err)
+    finally:
+        client.close = lambda: None  # so that tritonclient's __del__ does not close it a second time
+
+
+@events.test_stop.add_listener
+@events.quitting.add_listener
+def close_every_client(**_kwargs) -> None:
+    """Close the clients that no user closed (a user stopped mid-start, say), before the process exits."""
+    for client in list(_open_clients):
+        close_client(client)
 
 
 # -- setup shared by all users of one process ---------------------------------------------------
@@ -115,37 +161,51 @@ class Workload:
             raise LoadTestSetupError("--batch-size must be >= 1 and --top-k within 0..1000")
         if not options.host:
             raise LoadTestSetupError("no --host: pass the Triton server, e.g. --host http://127.0.0.1:8000")
-        self.options = options
-        self.protocol = Protocol(options.protocol)
+        self.protocol, kind = Protocol(options.protocol), "tensor" if options.payload == "tiny" else options.input
         self.files = _image_files(options.images)
         try:
             self.address = address(options.host, self.protocol, options.grpc_port)
-            client = new_client(self.address, self.protocol)
+            client = open_client(self.address, self.protocol)
             try:
-                self.model: ServedModel = describe(client, self.address, self.protocol, options.model, retries=0)
+                self.model: ServedModel = choose(client, self.address, self.protocol, options.model, kind, retries=0)
             finally:
-                client.close()
+                close_client(client)
         except HrnetTritonError as err:
             raise LoadTestSetupError(str(err)) from err
         if options.batch_size > self.model.max_batch:
             raise LoadTestSetupError(
                 f"--batch-size {options.batch_size} is above {options.model}'s max_batch_size {self.model.max_batch}"
             )
-        self.tensors = [load_tensor(p, self.model.cfg) for p in self.files]
+        self.tensors = [self.model.input.loader(self.model.cfg)(p) for p in self.files]  # a bad file stops it here
+        image = self.model.input.kind == "image"  # the files' bytes are sent undecoded: decode them here all the same
+        checked = self.tensors + [try_load_tensor(p, self.model.cfg) for p in self.files if image]
+        bad = list(dict.fromkeys(str(t) for t in checked if isinstance(t, ImageError)))
+        if bad:
+            raise LoadTestSetupError(
+                f"--images {options.images or '(bundled)'}: {len(bad)} of {len(self.files)} files cannot be used: "
+                f"{'; '.join(bad[:5])}{'; …' if len(bad) > 5 else ''}. Remove or replace them, or use another folder"
+            )
 
 
-_workload: Workload | None = None
+_workload: Workload | LoadTestSetupError | None = None
 
 
 def workload(environment) -> Workload:
+    """This process's workload, made once; a setup failure is kept too, so it is reported once."""
     global _workload
     if _workload is None:
-        _workload = Workload(environment.parsed_options)
+        try:
+            _workload = Workload(environment.parsed_options)
+        except LoadTestSetupError as err:
+            _workload = err
+    if isinstance(_workload, LoadTestSetupError):
+        raise _workload
     return _workload
 
 
 def _fail_setup(environment, err: Exception) -> None:
-    log.error("%s", err)
+    if environment.process_exit_code != 2:
+        log.error("%s", err)
     environment.process_exit_code = 2
     if environment.runner is not None:
         environment.runner.quit()
@@ -167,7 +227,7 @@ def _check_before_start(environment, **_kwargs) -> None:
 def check_probabilities(probs: np.ndarray | None, batch: int) -> None:
     if probs is None or probs.shape != (batch, NUM_CLASSES):
         raise AssertionError(
-            f"expected probabilities of shape ({batch}, {NUM_CLASSES}), got {None if probs is None else probs.shape}"
+            f"expected probabilities of shape ({batch}, {NUM_CLASSES}), got {getattr(probs, 'shape', None)}"
         )
     if not np.isfinite(probs).all() or probs.min() < 0 or np.abs(probs.sum(axis=1) - 1).max() > 1e-3:
         raise AssertionError("the answer is not a probability distribution per image")
@@ -177,9 +237,7 @@ def check_probabilities(probs: np.ndarray | None, batch: int) -> None:
 
 def check_classification(entries: np.ndarray | None, batch: int, k: int) -> None:
     if entries is None or entries.shape != (batch, k):
-        raise AssertionError(
-            f"expected ({batch}, {k}) classification entries, got {None if entries is None else entries.shape}"
-        )
+        raise AssertionError(f"expected ({batch}, {k}) classification entries, got {getattr(entries, 'shape', None)}")
     for row in entries:
         probs = []
         for entry in row:
@@ -196,16 +254,16 @@ class TritonLocustClient:
 
     def __init__(self, environment, work: Workload):
         o = environment.parsed_options
-        self.environment, self.model, self.k = environment, o.model, o.top_k
-        self.request_type = work.protocol.value.upper()
+        self.environment, self.model, self.k = environment, work.model.name, o.top_k  # the served model chosen
+        self.request_type, self.spec = work.protocol.value.upper(), work.model.input
         self.tc = work.protocol.module()
-        self.client = new_client(work.address, work.protocol)
+        self.client = open_client(work.address, work.protocol)
 
-    def infer(self, batch: np.ndarray) -> None:
+    def infer(self, batch: np.ndarray) -> bool:
+        """Send one request, check its answer, report it to Locust; whether it was answered correctly."""
         start, error, length = time.perf_counter(), None, 0
         try:
-            inp = self.tc.InferInput(INPUT_NAME, list(batch.shape), "FP32")
-            inp.set_data_from_numpy(batch)
+            inp = self.spec.request(self.tc, batch)  # tensor, uint8 crop or the files' bytes (hrnet_client.inputs)
             out = self.tc.InferRequestedOutput(OUTPUT_NAME, class_count=self.k)
             answer = self.client.infer(self.model, [inp], outputs=[out]).as_numpy(OUTPUT_NAME)
             if self.k:
@@ -214,7 +272,7 @@ class TritonLocustClient:
                 check_probabilities(answer, len(batch))
             length = answer.nbytes
         except Exception as err:  # noqa: BLE001 - every failure is reported to Locust, none escapes
-            error = err
+            error = _reported(err)
         self.environment.events.request.fire(
             request_type=self.request_type,
             name=self.model,
@@ -223,13 +281,37 @@ class TritonLocustClient:
             exception=error,
             context={"images": len(batch)},
         )
+        return error is None
 
     def close(self) -> None:
-        self.client.close()
+        close_client(self.client)
+
+
+def _reported(err: Exception) -> Exception:
+    """What Locust records for a failed request: tritonclient's InferenceServerException has no args,
+    so its repr (Locust's error text) would be a bare "InferenceServerException()"."""
+    from tritonclient.utils import InferenceServerException
+
+    if not isinstance(err, InferenceServerException):
+        return err
+    message = str(err) or "the server failed the request and gave no reason"
+    if any(m in message.lower() for m in ("exceeds maximum queue size", "request timeout expired")):
+        message += "; the model's queue is full: fewer users (-u), or a larger queue (repo --max-queue-size)"
+    return RequestFailed(message)
 
 
 class TritonUser(User):
-    """One closed-loop client: sends a request, waits for the answer, sends the next."""
+    """One closed-loop client: sends a request, waits for the answer, sends the next; after a
+    failure it waits first, exponentially longer with each failure in a row."""
+
+    failures_in_row = 0
+
+    def wait_time(self) -> float:
+        """No wait after a success; after n failures in a row, --failure-backoff-ms * 2**(n-1), capped, with jitter
+        (so that refused users do not come back in step)."""
+        o, n = self.environment.parsed_options, min(self.failures_in_row, 31)
+        delay_ms = min(o.failure_backoff_max_ms, o.failure_backoff_ms * 2.0 ** (n - 1)) if n else 0.0
+        return max(delay_ms, 0.0) / 1000 * random.uniform(0.5, 1.0)
 
     def on_start(self) -> None:
         try:
@@ -245,19 +327,19 @@ class TritonUser(User):
 
     def on_stop(self) -> None:
         if hasattr(self, "client"):
-            self.client.close()
+            self.client.close()  # also closed at test_stop/quitting if this never runs
 
     def _batch(self) -> np.ndarray:
         if self.tiny:
             return np.zeros((self.batch, 3, 1, 1), np.float32)
         picks = [next(self.next_images) for _ in range(self.batch)]
         if self.in_loop:
-            return np.stack([load_tensor(self.work.files[i], self.work.model.cfg) for i in picks])
+            return np.stack([self.work.model.input.load(self.work.files[i], self.work.model.cfg) for i in picks])
         return np.stack([self.work.tensors[i] for i in picks])
 
     @task
     def infer(self) -> None:
-        self.client.infer(self._batch())
+        self.failures_in_row = 0 if self.client.infer(self._batch()) else self.failures_in_row + 1
 
 
 # -- load shapes ---------------------------------------------------------------------------------
@@ -292,18 +374,13 @@ def _report_and_judge(environment, **_kwargs) -> None:
     o = environment.parsed_options
     total = environment.stats.total
     if total.num_requests:
-        ok = total.num_requests - total.num_failures
+        ok = total.num_requests - total.num_failures  # a wrong answer is a failure: ok counts correct answers
         seconds = max(total.last_request_timestamp - total.start_time, 1e-9)
+        p50, p95 = total.get_response_time_percentile(0.5), total.get_response_time_percentile(0.95)
         log.info(
-            "%s over %s: %d requests (%d failed), %.1f requests/s, %.1f images/s answered, p50 %.0f ms, p95 %.0f ms",
-            o.model,
-            o.protocol,
-            total.num_requests,
-            total.num_failures,
-            total.num_requests / seconds,
-            ok * o.batch_size / seconds,
-            total.get_response_time_percentile(0.5),
-            total.get_response_time_percentile(0.95),
+            f"{o.model} over {o.protocol}: {total.num_requests} requests ({total.num_failures} failed), "
+            f"{total.num_requests / seconds:.1f} requests/s, goodput {ok * o.batch_size / seconds:.1f} images/s "
+            f"answered correctly, p50 {p50:.0f} ms, p95 {p95:.0f} ms"
         )
     crossed = []
     if o.max_p95_ms and total.num_requests and total.get_response_time_percentile(0.95) > o.max_p95_ms:

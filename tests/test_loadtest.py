@@ -46,7 +46,7 @@ def test_headless_run_reports_requests_without_failures(cpu_server, tmp_path, pr
     assert float(row["50%"]) > 0 and float(row["95%"]) >= float(row["50%"])
     with open(f"{prefix}_stats.csv", newline="") as fh:
         names = {(r["Type"], r["Name"]) for r in csv.DictReader(fh)}
-    assert (protocol.upper(), "HRNet_W18_C") in names
+    assert (protocol.upper(), "HRNet_W18_C_image") in names  # no --input: the best the server offers
     assert "images/s answered" in run.stderr and (tmp_path / "report.html").stat().st_size > 10_000
     assert "Traceback" not in run.stderr
 
@@ -132,7 +132,7 @@ def test_distributed_master_and_worker_share_the_load(cpu_server, tmp_path, aggr
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (["--model", "HRNet_W99_C"], "it serves: HRNet_W18_C, trivial"),
+        (["--model", "HRNet_W99_C"], "it serves: HRNet_W18_C, HRNet_W18_C_image, HRNet_W18_C_uint8, hrnet_preprocess"),
         (["--images", "EMPTY"], "no images there"),
         (["--host", "http://127.0.0.1:PORT"], "no Triton server answers at 127.0.0.1:PORT"),
     ],
@@ -145,7 +145,10 @@ def test_bad_setup_is_one_clear_message_not_tracebacks(cpu_server, tmp_path, ext
     extra = [a.replace("EMPTY", str(tmp_path / "EMPTY")).replace("PORT", down) for a in extra]
     message = message.replace("PORT", down)
     host = [] if "--host" in extra else ["--host", cpu_server.http_url]
-    run = run_locust([*host, *extra, "--headless", "-u", "2", "-t", "5s"], tmp_path)
+    # the key lets "it serves: …" list the models: the repository index is an admin API
+    run = run_locust(
+        [*host, *extra, "--headless", "-u", "2", "-t", "5s"], tmp_path, HRNET_TRITON_ADMIN_KEY=cpu_server.admin_key
+    )
     assert run.returncode == 2
     assert message in run.stderr
     assert "Traceback" not in run.stderr and "Greenlet" not in run.stderr
@@ -231,14 +234,27 @@ def test_web_ui_mode_swarms_from_the_form_and_reports(cpu_server, tmp_path, free
         while True:
             with urllib.request.urlopen(f"{ui}/stats/requests", timeout=10) as r:
                 stats = {s["name"]: s for s in json.load(r)["stats"]}
-            if stats.get("HRNet_W18_C", {}).get("num_requests", 0) >= 2:
+            if stats.get("HRNet_W18_C_image", {}).get("num_requests", 0) >= 2:  # the default input: image
                 break
             assert time.monotonic() < deadline + 60, f"no requests reported: {stats}"
             time.sleep(1)
-        assert stats["HRNet_W18_C"]["num_failures"] == 0
+        assert stats["HRNet_W18_C_image"]["num_failures"] == 0
     finally:
         proc.kill()
         proc.communicate()
+
+
+@pytest.mark.parametrize("protocol,kind", [("http", "tensor"), ("grpc", "uint8")])
+def test_each_input_is_sent_and_its_answers_checked(cpu_server, tmp_path, protocol, kind, run_locust, aggregated):
+    """--input (here from LOCUST_INPUT) picks the served model; the answers pass the same checks."""
+    args = ["--host", cpu_server.http_url, "--grpc-port", str(cpu_server.ports.grpc), "--protocol", protocol]
+    args += ["--headless", "-u", "2", "-t", "4s", "--batch-size", "2", "--csv", str(tmp_path / "i")]
+    run = run_locust(args, tmp_path, LOCUST_INPUT=kind)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(tmp_path / "i_stats.csv", newline="") as fh:
+        rows = {r["Name"]: r for r in csv.DictReader(fh)}
+    served = {"tensor": "HRNet_W18_C", "uint8": "HRNet_W18_C_uint8"}[kind]
+    assert int(rows[served]["Request Count"]) >= 2 and int(rows[served]["Failure Count"]) == 0, rows
 
 
 def test_bench_sweeps_with_locust_and_splits_server_time(cpu_server, tmp_path, capsys):
@@ -260,6 +276,8 @@ def test_bench_sweeps_with_locust_and_splits_server_time(cpu_server, tmp_path, c
             "4",
             "--out",
             str(out),
+            "--admin-key",
+            cpu_server.admin_key,  # statistics are an admin API
         ]
     )
     assert code == 0
@@ -320,3 +338,143 @@ def test_step_shape_adds_users_step_by_step(cpu_server, tmp_path, run_locust):
         ]
     steps = [c for i, c in enumerate(counts) if i == 0 or c != counts[i - 1]]
     assert steps[:3] == [1, 2, 3], counts
+
+
+def _refused_run(cpu_server, tmp_path, run_locust, protocol: str, **env: str):
+    """HRNet_W18_C sent 1x1-pixel tensors (--payload tiny): the server refuses every request at once."""
+    args = ["--host", cpu_server.http_url, "--grpc-port", str(cpu_server.ports.grpc), "--protocol", protocol]
+    args += ["--payload", "tiny", "--headless", "-u", "2", "-r", "2", "-t", "4s", "--csv", str(tmp_path / "f")]
+    return run_locust(args, tmp_path, **env)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_failed_requests_back_off_and_say_what_the_server_said(cpu_server, tmp_path, protocol, run_locust, aggregated):
+    run = _refused_run(cpu_server, tmp_path, run_locust, protocol)
+    assert run.returncode == 1, run.stderr[-3000:]
+    row = aggregated(tmp_path / "f")
+    # Backoff from 100 ms (jitter 0.5-1x), doubling: a user's waits add up to 3.15 s by its 7th
+    # request at the earliest, 5.65 s by its 8th; so within -t 4s, at most 7 requests per user.
+    # Retrying at once made thousands.
+    assert 2 <= int(row["Failure Count"]) == int(row["Request Count"]) <= 2 * 8, row
+    assert "goodput 0.0 images/s answered correctly" in run.stderr
+    with open(tmp_path / "f_failures.csv", newline="") as fh:
+        errors = [r["Error"] for r in csv.DictReader(fh)]
+    assert errors and all("RequestFailed(" in e and "unexpected shape for input 'x'" in e for e in errors), errors
+    assert "InferenceServerException()" not in run.stderr
+
+
+def test_failure_backoff_is_an_option_read_from_the_environment(cpu_server, tmp_path, run_locust, aggregated):
+    env = {"LOCUST_FAILURE_BACKOFF_MS": "10000", "LOCUST_FAILURE_BACKOFF_MAX_MS": "20000"}
+    run = _refused_run(cpu_server, tmp_path, run_locust, "http", **env)
+    assert run.returncode == 1, run.stderr[-3000:]
+    # each user's first failure makes it wait at least 10 s x 0.5 (jitter), beyond -t 4s
+    assert 1 <= int(aggregated(tmp_path / "f")["Request Count"]) <= 2
+
+
+def test_an_undecodable_image_is_a_setup_error_naming_the_file(cpu_server, tmp_path, run_locust, aggregated):
+    import cv2
+    import numpy as np
+
+    images = tmp_path / "images"
+    images.mkdir()
+    jpeg = cv2.imencode(".jpg", np.full((300, 400, 3), 128, np.uint8))[1].tobytes()
+    (images / "good.jpg").write_bytes(jpeg)
+    (images / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (images / "notes.jpg").write_text("not an image, whatever its name says")
+    run = run_locust(
+        ["--host", cpu_server.http_url, "--images", str(images), "--headless", "-u", "2", "-t", "4s"]
+        + ["--csv", str(tmp_path / "b")],
+        tmp_path,
+    )
+    assert run.returncode == 2, run.stderr[-3000:]
+    errors = [line for line in run.stderr.splitlines() if "/ERROR/" in line]
+    assert len(errors) == 1, errors
+    assert "2 of 3 files cannot be used" in errors[0]
+    assert f"{images / 'notes.jpg'}: not a decodable image" in errors[0]
+    assert f"{images / 'truncated.jpg'}: truncated JPEG" in errors[0]
+    assert "Traceback" not in run.stderr and "Greenlet" not in run.stderr
+    assert int(aggregated(tmp_path / "b")["Request Count"]) == 0
+
+
+def test_a_wrong_grpc_port_is_one_setup_error_and_no_request(cpu_server, tmp_path, run_locust, aggregated, free_ports):
+    port = free_ports().grpc
+    run = run_locust(
+        ["--host", cpu_server.http_url, "--protocol", "grpc", "--grpc-port", str(port), "--headless", "-u", "2"]
+        + ["-t", "4s", "--csv", str(tmp_path / "g")],
+        tmp_path,
+    )
+    assert run.returncode == 2, run.stderr[-3000:]
+    errors = [line for line in run.stderr.splitlines() if "/ERROR/" in line]
+    assert len(errors) == 1 and f"no Triton server answers at 127.0.0.1:{port} over grpc" in errors[0], errors
+    assert int(aggregated(tmp_path / "g")["Request Count"]) == 0
+    assert "Traceback" not in run.stderr
+
+
+def test_headless_grpc_runs_end_every_time(cpu_server, tmp_path, run_locust):
+    """gRPC clients left open or closed twice used to hang the process at exit, 1 run in 3 or so,
+    deaf to SIGTERM (docs/loadtest.md). Ten runs in a row must each end, and cleanly."""
+    args = ["--host", cpu_server.http_url, "--grpc-port", str(cpu_server.ports.grpc), "--protocol", "grpc"]
+    args += ["--model", "trivial", "--payload", "tiny", "--batch-size", "2", "--headless", "-u", "2", "-r", "2"]
+    for attempt in range(10):
+        try:
+            run = run_locust([*args, "-t", "3s"], tmp_path, timeout=3 + 30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"run {attempt + 1} of 10 did not end within 33 s of a 3 s run")
+        assert run.returncode == 0, f"run {attempt + 1}: {run.stderr[-3000:]}"
+        assert "Traceback" not in run.stderr
+
+
+# `python -m locust`, with every gRPC channel's closes counted. At exit, before gRPC's own exit hook,
+# it collects the garbage and does to each tritonclient still alive what the exit's garbage
+# collection would do (its __del__), then prints the count of closes per channel.
+_CHANNEL_AUDIT = """
+import atexit, gc, itertools, sys
+import locust  # gevent's monkey-patching first, as in `python -m locust`
+import grpc._channel
+import tritonclient.grpc
+
+closes, numbers = {}, itertools.count()
+real_init, real_close = grpc._channel.Channel.__init__, grpc._channel.Channel._close
+
+def audit():
+    gc.collect()
+    for client in [o for o in gc.get_objects() if isinstance(o, tritonclient.grpc.InferenceServerClient)]:
+        client.__del__()
+    print("channel closes:", sorted(closes.values()), file=sys.stderr, flush=True)
+
+def init(self, *args, **kwargs):
+    real_init(self, *args, **kwargs)
+    if not closes:
+        atexit.register(audit)  # registered after gRPC's exit hook, so it runs before it
+    self.audit_number = next(numbers)
+    closes[self.audit_number] = 0
+
+def close(self):
+    closes[self.audit_number] += 1
+    real_close(self)
+
+grpc._channel.Channel.__init__, grpc._channel.Channel._close = init, close
+from locust.main import main
+sys.argv = ["locust", *sys.argv[1:]]
+main()
+"""
+
+
+def test_every_grpc_channel_of_a_run_is_closed_exactly_once(cpu_server, tmp_path, locust_command):
+    """The root of the hang at exit: under gevent, gRPC counts its open channels, one close each.
+    A channel left open, or closed twice (tritonclient's __del__ closes again), leaves the count off
+    zero, and the exit's garbage collection then deadlocks on gRPC's lock (docs/loadtest.md)."""
+    import sys
+
+    args = ["--host", cpu_server.http_url, "--grpc-port", str(cpu_server.ports.grpc), "--protocol", "grpc"]
+    args += ["--model", "trivial", "--payload", "tiny", "--headless", "-u", "2", "-r", "2", "-t", "3s"]
+    run = subprocess.run(
+        [sys.executable, "-c", _CHANNEL_AUDIT, "-f", locust_command[-1], *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=3 + 30,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    closes = next(line for line in run.stderr.splitlines() if line.startswith("channel closes:"))
+    assert closes == "channel closes: [1, 1, 1]", closes  # the setup's client and one per user

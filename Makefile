@@ -28,14 +28,21 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps nvidia-pytriton==$(PYTRITON_VERSION)
 	touch $@
 
-# The environment Triton's Python backend runs the cpu-target models in: the stub of this
-# Triton release returns empty outputs under numpy 2 (docs/repository.md).
+# The environment Triton's Python backend runs the cpu-target models and hrnet_preprocess in:
+# the stub of this Triton release returns empty outputs under numpy 2 (docs/repository.md), and
+# OpenCV 4.11.0.86 is the last release built against numpy 1.x. hrnet_preprocess imports
+# hrnet_core.preprocess itself, so the project is installed (editable, without its
+# dependencies: those are the pins here) and the server runs the very code the client runs
+# (docs/inputs.md). Rebuilt when this recipe or the project's packaging changes.
 serve-env: $(SERVE_ENV)/.installed
 
-$(SERVE_ENV)/.installed:
+$(SERVE_ENV)/.installed: Makefile pyproject.toml
 	$(PYTHON) -m venv $(SERVE_ENV)
 	$(SERVE_ENV)/bin/python -m pip install --quiet --upgrade pip
-	$(SERVE_ENV)/bin/python -m pip install --quiet "numpy<2" "onnxruntime>=1.18"
+	$(SERVE_ENV)/bin/python -m pip install --quiet "numpy<2" "onnxruntime>=1.18" \
+	  "opencv-python-headless==4.11.0.86" "imagesize>=1.4"
+	$(SERVE_ENV)/bin/python -m pip install --quiet --no-deps -e .
+	$(SERVE_ENV)/bin/python -c "import hrnet_core.preprocess"
 	touch $@
 
 # The prometheus-operator's ServiceMonitor schema (tests/test_k8s.py validates k8s/ against it),

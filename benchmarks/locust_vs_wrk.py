@@ -106,6 +106,8 @@ def run_locust(
             url,
             "--model",
             model,
+            "--input",
+            "tensor",  # what wrk posts
             "--payload",
             payload,
             "--batch-size",

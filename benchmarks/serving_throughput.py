@@ -166,7 +166,7 @@ def triton_steps(
     steps: Steps = {}
     for c in args.concurrencies:
         for shm in (False, True) if args.shared_memory else (False,):
-            clf = clients.enter_context(TritonClassifier(url, model, concurrency=c, shared_memory=shm))
+            clf = clients.enter_context(TritonClassifier(url, model, input="tensor", concurrency=c, shared_memory=shm))
             got = np.concatenate(clf.run_batches([data.photos[i : i + b] for i in range(0, len(data.photos), b)]))
             np.testing.assert_allclose(got, reference, atol=ATOL)
             batches = [data.batch(b, i) for i in range(c * 2)]  # two rounds of c requests per step

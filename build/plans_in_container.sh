@@ -6,8 +6,9 @@
 #
 #   plans_in_container.sh ONNX_DIR PLANS_DIR [REPOSITORY]
 #
-# ONNX_DIR holds <MODEL>.onnx from `hrnet-triton export`. Plans go to
-# PLANS_DIR/<MODEL>.sm<CC>.<PRECISION>.plan (+ .plan.json), one per GPU architecture (CC), which
+# ONNX_DIR holds <MODEL>.onnx from `hrnet-triton export`, and the <MODEL>_uint8.onnx it writes beside
+# it (the uint8 entry point, normalised in the model), which gets its own plan when present. Plans go to
+# PLANS_DIR/<MODEL>[_uint8].sm<CC>.<PRECISION>.plan (+ .plan.json), one per GPU architecture (CC), which
 # `hrnet-triton engine --plans-dir` reads from the CUDA driver (nvidia-smi's compute_cap field
 # does not exist in the R470 drivers that Triton 24.10 still allows on data-center GPUs).
 # A plan already built from the same ONNX file for this GPU, TensorRT version, precision and
@@ -23,6 +24,7 @@ max_batch=${MAX_BATCH:-32}
 read -r -a models <<<"${MODELS:-}"
 if [ ${#models[@]} -eq 0 ]; then
   for onnx in "$onnx_dir"/*.onnx; do
+    case $onnx in *_uint8.onnx) continue ;; esac # built with its model below
     [ -e "$onnx" ] && models+=("$(basename "$onnx" .onnx)")
   done
 fi
@@ -39,8 +41,11 @@ done
 
 mkdir -p "$plans"
 for name in "${models[@]}"; do
-  hrnet-triton engine "$name" --onnx "$onnx_dir/$name.onnx" --precision "$precision" --max-batch "$max_batch" \
-    --plans-dir "$plans" --skip-if-current
+  for onnx in "$onnx_dir/$name.onnx" "$onnx_dir/${name}_uint8.onnx"; do
+    [ -f "$onnx" ] || continue # an export from before the uint8 models has none
+    hrnet-triton engine "$name" --onnx "$onnx" --precision "$precision" --max-batch "$max_batch" \
+      --plans-dir "$plans" --skip-if-current
+  done
 done
 if [ -n "$repository" ]; then
   # Written beside, then renamed into place: Triton (which loads the repository once, at start)

@@ -53,8 +53,9 @@ def _cmd_variants(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from hrnet_build.export import export_onnx
+    from hrnet_build.onnx_graph import uint8_path
     from hrnet_build.weights import WeightsSpec
-    from hrnet_core.manifest import manifest_path
+    from hrnet_core.manifest import ExportManifest, manifest_path
 
     variant = variants.get(args.variant)
     m = export_onnx(
@@ -72,6 +73,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
         f"  parity: {m.parity.summary()}; "
         f"top-1 probability {m.parity.min_top1_prob:.3f}..{m.parity.max_top1_prob:.3f}\n"
         f"  {m.export_seconds:.0f} s, peak RSS {m.peak_rss_mib:.0f} MiB"
+    )
+    u8_path = uint8_path(args.out)
+    u8 = ExportManifest.read(u8_path)
+    print(
+        f"  and {u8_path} (+ .json): input {u8.input.name} {list(u8.input.dims)} {u8.input.dtype}, "
+        f"normalised in the model's first nodes\n  parity: {u8.parity.summary()}"
     )
     if not m.weights["labels_meaningful"]:
         print("  NOTE: offline weights: the model's labels are meaningless.")
@@ -129,6 +136,7 @@ def _cmd_repo(args: argparse.Namespace) -> int:
         plans_dir=args.plans_dir,
         fit_to_plans=args.max_batch is None,
         precision=args.precision,
+        kinds=args.inputs,
     )
     print(f"wrote {len(written)} {target.value}-target model(s) to {args.out}: {', '.join(p.name for p in written)}")
     return 0
@@ -198,19 +206,24 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     if (args.onnx is None) == (args.url is None):
         raise HrnetTritonError("give either --url (a Triton server) with --model, or --onnx (in-process)")
     if args.onnx is not None:
-        if args.shared_memory or args.server_top_k or args.concurrency != 1:
+        if args.shared_memory or args.server_top_k or args.concurrency != 1 or args.input:
             raise HrnetTritonError(
-                "--shared-memory, --server-top-k and --concurrency need a server (--url), not --onnx"
+                "--shared-memory, --server-top-k, --concurrency and --input need a server (--url), not --onnx "
+                "(an ONNX model's own input decides what it takes)"
             )
         classifier = RunnerClassifier(OnnxRuntimeRunner(args.onnx))
     else:
         classifier = _triton_classifier(
             args,
+            input=args.input,
             concurrency=args.concurrency,
             shared_memory=args.shared_memory,
             server_top_k=args.server_top_k,
             retry_s=args.retry_seconds,
             admin_key=args.admin_key,
+        )
+        log.info(
+            "classifying with %s on %s; input: %s", classifier.model, classifier.address, classifier.input.describe()
         )
     listed = read_paths(args.files_from) if args.files_from else ()
     images = itertools.chain(args.images, listed, sample_images() if args.samples else ())
@@ -224,15 +237,16 @@ def _cmd_classify(args: argparse.Namespace) -> int:
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from hrnet_client.inputs import save_input
     from hrnet_core.contract import DEFAULT_PREPROCESS
-    from hrnet_core.preprocess import save_tensor
 
     cfg, source = DEFAULT_PREPROCESS, "PaddleClas's inference_cls.yaml"
     if args.url:
-        with _triton_classifier(args) as classifier:
-            cfg, source = classifier.cfg, f"{args.model}'s config on {classifier.address}"
-    out, x = save_tensor(args.image, args.out, cfg, args.max_pixels)
-    print(f"{args.image} -> {out}: {x.dtype} {list(x.shape)} (NCHW), parameters from {source}")
+        with _triton_classifier(args, input=args.input) as classifier:
+            cfg, source = classifier.cfg, f"{classifier.model}'s config on {classifier.address}"
+    out, x = save_input(args.image, args.out, args.input, cfg, args.max_pixels)
+    layout = "NCHW" if args.input == "tensor" else "NHWC, RGB"
+    print(f"{args.image} -> {out}: {x.dtype} {list(x.shape)} ({layout}), parameters from {source}")
     return 0
 
 
@@ -246,6 +260,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         grpc_port=args.grpc_port,
         batch_sizes=args.batch_sizes,
         concurrencies=args.concurrency,
+        inputs=args.inputs,
         seconds=args.seconds,
         out=args.out,
         admin_key=args.admin_key,

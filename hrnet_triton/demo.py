@@ -54,7 +54,8 @@ def run(
         for protocol, port in (("http", ports.http), ("grpc", ports.grpc)):
             with TritonClassifier(f"{server.connect_host}:{port}", variant.name, protocol) as classifier:
                 preds = classifier.classify_files(sample_images(), k=top_k)
-            print(f"\n== over {protocol.upper()} ==\n{format_predictions(preds)}", flush=True)
+            sent = f"{classifier.model}, input {classifier.input.describe()}"  # the best the server offers
+            print(f"\n== over {protocol.upper()} ==\n{sent}\n{format_predictions(preds)}", flush=True)
         print("\nNOTE: offline weights: these labels are meaningless (export with --weights auto for real ones).")
         if keep_serving:
             notice = admin_key_notice(server)

@@ -67,7 +67,7 @@ def served_checks(url: str, grpc_port: int, model: str, onnx: Path, precision: P
     ok, lines = True, []
     for protocol in Protocol:
         where = address(url, protocol, grpc_port)
-        with TritonClassifier(where, model, protocol) as served:
+        with TritonClassifier(where, model, protocol, input="tensor") as served:
             report = compare(
                 reference, served.run(batch), PARITY[precision], images=[p.name for p in photos],
                 reference_name="ONNX Runtime", candidate_name=f"Triton {protocol.value.upper()}",

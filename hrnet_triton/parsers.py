@@ -10,7 +10,7 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from hrnet_core.contract import ADMIN_HEADER, ADMIN_KEY_ENV, MAX_PIXELS
+from hrnet_core.contract import ADMIN_HEADER, ADMIN_KEY_ENV, INPUT_KINDS, MAX_PIXELS
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -29,6 +29,15 @@ def positive_list(text: str) -> list[int]:
         values = []
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"takes positive integers separated by commas, e.g. 1,2,4; got {text!r}")
+    return values
+
+
+def kind_list(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",")]
+    if not values or any(v not in INPUT_KINDS for v in values):
+        raise argparse.ArgumentTypeError(
+            f"takes input kinds separated by commas, of {','.join(INPUT_KINDS)}; got {text!r}"
+        )
     return values
 
 
@@ -62,7 +71,10 @@ def _local_server(p: argparse.ArgumentParser) -> None:
 def _remote_server(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Triton server to ask")
     g.add_argument("--url", help="a Triton server, e.g. localhost:8000 (HTTP) or localhost:8001 (gRPC)")
-    g.add_argument("--model", help="the model's name on the server, e.g. HRNet_W18_C")
+    g.add_argument(
+        "--model",
+        help="the variant on the server, e.g. HRNet_W18_C, or one of its served models, e.g. HRNet_W18_C_image",
+    )
     g.add_argument("--protocol", choices=["http", "grpc"], default="http", help="how to talk to --url (default: http)")
 
 
@@ -171,6 +183,11 @@ def _repo(sub, parents) -> argparse.ArgumentParser:
         help="gpu target: install the plans of this precision from --plans-dir (default: fp16)",
     )  # fmt: skip
     p.add_argument(
+        "--inputs", type=kind_list, default=list(INPUT_KINDS),
+        help="the entry points to write per variant: tensor (<V>), uint8 (<V>_uint8), image (<V>_image, "
+        "which needs tensor), comma-separated (default: all three; docs/inputs.md)",
+    )  # fmt: skip
+    p.add_argument(
         "--threads",
         type=positive,
         help="runtime threads per instance: cpu target (default 1), onnx target (default: one per core of the "
@@ -217,6 +234,13 @@ def _demo(sub, parents) -> argparse.ArgumentParser:
     return p
 
 
+def seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text}")
+    return value
+
+
 def _classify(sub, parents) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "classify", parents=[parents["remote"], parents["pixels"]], help="top-k ImageNet labels for image files"
@@ -226,19 +250,6 @@ def _classify(sub, parents) -> argparse.ArgumentParser:
     p.add_argument("--onnx", type=Path, help="classify in-process with this exported ONNX model instead of --url")
     p.add_argument("--top-k", type=positive, default=5, help="how many classes per image (default: 5)")
     p.add_argument("--batch-size", type=positive, default=8, help="images per inference call (default: 8)")
-    p.add_argument(
-        "--concurrency", type=positive, default=1, help="requests in flight at once, with --url (default: 1)"
-    )
-    p.add_argument(
-        "--shared-memory",
-        action="store_true",
-        help="pass tensors through system shared memory (the server must run on this host)",
-    )
-    p.add_argument(
-        "--server-top-k",
-        action="store_true",
-        help="let the server pick the top-k (Triton's classification extension) instead of the client",
-    )
     p.add_argument("--workers", type=positive, help="threads decoding images (default: one per core, up to 8)")
     p.add_argument(
         "--files-from",
@@ -250,13 +261,33 @@ def _classify(sub, parents) -> argparse.ArgumentParser:
         type=positive,
         help="refuse image files larger than this, unread (default: 3 bytes per --max-pixels pixel + 1 MiB)",
     )
+    p.add_argument("--json", action="store_true", help="machine-readable output: a JSON array, one element a line")
+    _classify_with_a_server(p)
+    return p
 
-    def seconds(text: str) -> float:
-        value = float(text)
-        if not value >= 0:
-            raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text}")
-        return value
 
+def _classify_with_a_server(p: argparse.ArgumentParser) -> None:
+    """``classify``'s options for a server (--url): what is sent, how, and how faults are ridden out."""
+    p.add_argument(
+        "--input",
+        choices=INPUT_KINDS,
+        help="what is sent, with --url: tensor (preprocessed float32), uint8 (the 224x224 crop) or image (the "
+        "file's bytes, decoded on the server). Default: the best the server offers for --model: image, else "
+        "uint8, else tensor",
+    )
+    p.add_argument(
+        "--concurrency", type=positive, default=1, help="requests in flight at once, with --url (default: 1)"
+    )
+    p.add_argument(
+        "--shared-memory",
+        action="store_true",
+        help="pass tensors or uint8 crops through system shared memory (the server must run on this host)",
+    )
+    p.add_argument(
+        "--server-top-k",
+        action="store_true",
+        help="let the server pick the top-k (Triton's classification extension) instead of the client",
+    )
     p.add_argument(
         "--retry-seconds",
         type=seconds,
@@ -270,18 +301,24 @@ def _classify(sub, parents) -> argparse.ArgumentParser:
         help="the server's admin key, for --shared-memory when its admin APIs are restricted "
         "(default: $HRNET_TRITON_ADMIN_KEY; prefer the variable, which other users cannot see in ps)",
     )
-    p.add_argument("--json", action="store_true", help="machine-readable output: a JSON array, one element a line")
-    return p
 
 
 def _preprocess(sub, parents) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "preprocess",
         parents=[parents["remote"], parents["pixels"]],
-        help="write the float32 NCHW tensor `classify` would send for an image",
+        help="write the float32 NCHW tensor (or uint8 NHWC crop) `classify` would send for an image",
     )
     p.add_argument("image", type=Path, help="an image file")
-    p.add_argument("--out", type=Path, required=True, help="the .npy file to write (shape [1, 3, 224, 224])")
+    p.add_argument(
+        "--out", type=Path, required=True, help="the .npy file to write ([1, 3, 224, 224] or [1, 224, 224, 3])"
+    )
+    p.add_argument(
+        "--input",
+        choices=["tensor", "uint8"],
+        default="tensor",
+        help="tensor: float32 NCHW, normalised; uint8: the 224x224 RGB crop, NHWC (default: %(default)s)",
+    )
     return p
 
 
@@ -303,6 +340,12 @@ def _bench(sub, parents) -> argparse.ArgumentParser:
         type=positive_list,
         default=[1, 2, 4, 8],
         help="Locust users, comma-separated (default: 1,2,4,8)",
+    )
+    p.add_argument(
+        "--inputs",
+        type=kind_list,
+        help="what Locust sends, comma-separated, of tensor,uint8,image; each a point of the sweep "
+        "(default: the best the server offers for --model)",
     )
     p.add_argument("--seconds", type=float, default=20, help="per point (default: 20)")
     p.add_argument(

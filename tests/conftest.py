@@ -104,8 +104,10 @@ def serve_env() -> Path:
 
 @pytest.fixture(scope="session")
 def cpu_server(w18_offline, serve_env, tmp_path_factory):
-    """A real Triton (the wheel's tritonserver) serving the cpu target's HRNet_W18_C, and the
-    trivial model that measures the load-test harness. Shared by the client and Locust tests."""
+    """A real Triton (the wheel's tritonserver) serving the cpu target's HRNet_W18_C three ways
+    (HRNet_W18_C; HRNet_W18_C_uint8 when the export wrote its ONNX model beside the float one;
+    HRNet_W18_C_image with hrnet_preprocess, docs/inputs.md), and the trivial model that measures
+    the load-test harness. Shared by the client, Locust and thin-server tests."""
     from hrnet_build.repository import Target, write_repository
     from hrnet_core import variants
     from hrnet_triton.server import LocalTritonServer

@@ -234,7 +234,8 @@ def test_engine_packages_resolve_with_numpy_1_for_the_containers_python_310(tmp_
     report = tmp_path / "report.json"
     run = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--report", str(report), "--ignore-installed",
-         "--python-version", "3.10", *platforms, "--implementation", "cp", "--only-binary=:all:",
+         "--python-version", "3.10.12",  # Ubuntu 22.04 (the container) has 3.10.12
+         *platforms, "--implementation", "cp", "--only-binary=:all:",
          "--target", str(tmp_path / "t"), "-c", str(BUILD / "engine-constraints.txt"), f"{ROOT}[engine]"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip

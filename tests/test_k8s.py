@@ -238,8 +238,14 @@ def test_servicemonitor_validates_against_the_prometheus_operator_schema(overlay
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_triton_runs_the_pinned_ngc_release(overlay):
-    assert container(find(render(f"overlays/{overlay}"), "Deployment", "triton"))["image"] == release.TRITON_IMAGE
+def test_triton_runs_the_projects_server_image_built_on_the_pinned_ngc_release(overlay):
+    image = container(find(render(f"overlays/{overlay}"), "Deployment", "triton"))["image"]
+    assert image.endswith(f"/hrnet-triton-server:{PROJECT_VERSION}")
+    # ... whose stage is NVIDIA's tritonserver image of the one pinned release (the ARG's default)
+    dockerfile = DockerfileParser(path=str(ROOT / "Dockerfile"))
+    stages = [i["value"] for i in dockerfile.structure if i["instruction"] == "FROM"]
+    assert "nvcr.io/nvidia/tritonserver:${NGC_RELEASE}-py3 AS server" in stages
+    assert release.TRITON_IMAGE in dockerfile.parent_images
 
 
 def test_project_images_are_built_from_the_dockerfile_at_this_version_and_the_pinned_tensorrt():
@@ -255,7 +261,7 @@ def test_project_images_are_built_from_the_dockerfile_at_this_version_and_the_pi
     assert ("FROM", "nvcr.io/nvidia/tensorrt:${NGC_RELEASE}-py3 AS engine-builder") in instructions
     assert dockerfile.parent_images[0] == release.TENSORRT_IMAGE  # the ARG's default, substituted
     assert ("FROM", "${PYTHON_IMAGE} AS loadtest") in instructions
-    assert instructions.count(("COPY", ". /opt/hrnet-triton")) == 2
+    assert instructions.count(("COPY", ". /opt/hrnet-triton")) == 3
     # The Job runs the build script from that copy of the project.
     command = container(job)["command"]
     assert command[0] == "bash" and command[1].startswith("/opt/hrnet-triton/")
@@ -774,21 +780,49 @@ def test_triton_caps_request_size_itself_once_the_pinned_release_can():
 # -- what the two project images install ---------------------------------------------------------
 
 
-def _image_environment(root: Path, extra: str) -> Path:
+def _image_environment(root: Path, extra: str | None) -> Path:
     """A fresh virtual environment with what the Dockerfile's stage installs: this project with
-    ``extra`` and nothing else (the images bring Python, and TensorRT for the engine builder)."""
+    ``extra`` and nothing else (the images bring Python, and TensorRT for the engine builder).
+    Without ``extra``: the server stage's base install, with the numpy-1 pins of engine-constraints.txt."""
     run = subprocess.run([sys.executable, "-m", "venv", str(root)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+    constraints = ROOT / "build" / "engine-constraints.txt"
+    project = [f"{ROOT}[{extra}]"] if extra else ["-c", str(constraints), str(ROOT)]
     run = subprocess.run(
-        [str(root / "bin" / "python"), "-m", "pip", "install", "--quiet", f"{ROOT}[{extra}]"],
+        [str(root / "bin" / "python"), "-m", "pip", "install", "--quiet", *project],
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert f'"/opt/hrnet-triton[{extra}]"' in dockerfile  # the stage installs the same extra
+    if extra:
+        assert f'"/opt/hrnet-triton[{extra}]"' in dockerfile  # the stage installs the same extra
+    else:  # the server stage installs the same, with the same pins
+        assert "-c /opt/hrnet-triton/build/engine-constraints.txt /opt/hrnet-triton \\\n" in dockerfile
     return root / "bin"
+
+
+def test_the_server_images_packages_run_hrnet_preprocess_in_tritons_python_backend(serve_env, free_ports, tmp_path):
+    """The server stage's install, as the environment of Triton's python backend (this machine's
+    Python, not the image's 3.10; there is no Docker here): hrnet_preprocess loads and answers."""
+    import tritonclient.http as httpclient
+
+    from hrnet_build.repository import write_preprocess
+    from hrnet_core.preprocess import load_tensor
+    from hrnet_core.samples import sample_images
+
+    env = _image_environment(tmp_path / "env", None).parent
+    write_preprocess(Target.GPU, tmp_path / "repo", RepositoryOptions.for_preprocess(Target.GPU))
+    with LocalTritonServer(tmp_path / "repo", serve_env=env, ports=free_ports(), log_file=tmp_path / "log") as server:
+        client = httpclient.InferenceServerClient(server.http_url.removeprefix("http://"))
+        photo = sample_images()[0]
+        image = httpclient.InferInput("image", [1, 1], "BYTES")
+        image.set_data_from_numpy(np.array([[photo.read_bytes()]], dtype=object))
+        x = client.infer("hrnet_preprocess", [image]).as_numpy("x")
+        client.close()
+    assert np.array_equal(x[0], load_tensor(photo))  # bit for bit what a client computes
+    assert f"hrnet_core {PROJECT_VERSION} from {env}" in (tmp_path / "log").read_text()  # the installed copy
 
 
 def test_the_engine_builder_images_packages_run_everything_up_to_tensorrt(w18_offline, tmp_path):
@@ -1144,7 +1178,7 @@ def test_adapter_rule_computes_the_queue_time_per_request_that_triton_reports(de
         time.sleep(2.5)  # samples before the load: the window's baseline
         before = model_stats(server.http_url, model, admin_key=deployed.admin_key)
         # Four requests in flight on two instances, so that requests queue: the project's client.
-        with TritonClassifier(server.http_url.removeprefix("http://"), model, concurrency=4) as client:
+        with TritonClassifier(server.http_url.removeprefix("http://"), model, input="tensor", concurrency=4) as client:
             client.run_batches([np.zeros((1, 3, 224, 224), np.float32)] * 80)
         after = model_stats(server.http_url, model, admin_key=deployed.admin_key)
         time.sleep(3)  # scraped after the last request

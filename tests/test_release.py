@@ -22,7 +22,6 @@ from hrnet_core import release
 ROOT = Path(__file__).resolve().parents[1]
 RELEASE_PY = ROOT / "core" / "hrnet_core" / "release.py"
 OVERLAYS = ("gpu", "gpu-s3", "cpu")
-TRITON_REPOSITORY, TRITON_TAG = release.TRITON_IMAGE.rsplit(":", 1)
 NGC_IMAGES = ("nvcr.io/nvidia/tritonserver", "nvcr.io/nvidia/tensorrt")
 
 
@@ -30,10 +29,9 @@ def _dockerfile() -> DockerfileParser:
     return DockerfileParser(path=str(ROOT / "Dockerfile"))
 
 
-def _base_images_entry() -> dict:
+def _base_images() -> list[dict]:
     kustomization = yaml.safe_load((ROOT / "k8s" / "base" / "kustomization.yaml").read_text())
-    (entry,) = [i for i in kustomization.get("images", ()) if i["name"] == TRITON_REPOSITORY]
-    return entry
+    return list(kustomization.get("images", ()))
 
 
 def _rendered_images(overlay: str) -> list[str]:
@@ -93,17 +91,26 @@ def test_dockerfile_builds_plans_in_the_tensorrt_container_of_the_pinned_release
     assert "--build-arg NGC_RELEASE=$(python3 core/hrnet_core/release.py ngc)" in dockerfile.content
 
 
-def test_kustomize_tags_the_triton_image_with_the_pinned_release():
-    assert _base_images_entry() == {"name": TRITON_REPOSITORY, "newTag": TRITON_TAG}
+def test_the_server_image_is_built_on_the_pinned_tritonserver_release():
+    # The Deployment runs the project's server image (the Dockerfile's `server` stage), so the
+    # release is written once, in the Dockerfile's ARG: no NGC tag in the Kustomize images.
+    assert not [i for i in _base_images() if i["name"].startswith(NGC_IMAGES)]
     deployment = yaml.safe_load((ROOT / "k8s" / "base" / "deployment.yaml").read_text())
     (server,) = deployment["spec"]["template"]["spec"]["containers"]
-    assert server["image"] == TRITON_REPOSITORY  # no tag of its own: the images: entry sets it
+    assert server["image"].startswith("hrnet-triton-server:")
+    assert release.TRITON_IMAGE in _dockerfile().parent_images  # the ARG's default, substituted
+    ngc = subprocess.run(
+        [sys.executable, "-I", str(RELEASE_PY), "ngc"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    built = DockerfileParser(path=str(ROOT / "Dockerfile"), build_args={"NGC_RELEASE": ngc})
+    assert release.TRITON_IMAGE in built.parent_images
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_rendered_ngc_image_is_the_pinned_release(overlay):
-    ngc = [i for i in _rendered_images(overlay) if i.startswith(NGC_IMAGES)]
-    assert ngc and set(ngc) == {release.TRITON_IMAGE}
+    images = _rendered_images(overlay)
+    assert {i for i in images if i.startswith(NGC_IMAGES)} <= {release.TRITON_IMAGE}
+    assert [i for i in images if "/hrnet-triton-server:" in i]  # built FROM the pinned release
 
 
 def test_makefile_installs_the_pytriton_wheel_release_py_names(tmp_path):
@@ -130,7 +137,6 @@ def _pinned_files() -> list[Path]:
 # The two places outside release.py a version may be written, each checked against it above.
 CHECKED_PINS = {
     ("Dockerfile", f"ARG NGC_RELEASE={release.NGC_RELEASE}"),
-    ("k8s/base/kustomization.yaml", f'newTag: "{TRITON_TAG}"'),
 }
 
 

@@ -22,7 +22,7 @@ from hrnet_triton.server import LocalTritonServer
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_served_probabilities_equal_onnxruntime_in_process(cpu_server, w18_offline, protocol, batch_size):
     port = cpu_server.ports.http if protocol is Protocol.HTTP else cpu_server.ports.grpc
-    clf = TritonClassifier(f"127.0.0.1:{port}", "HRNet_W18_C", protocol)
+    clf = TritonClassifier(f"127.0.0.1:{port}", "HRNet_W18_C", protocol, input="tensor")
     assert clf.max_batch == 8 and clf.cfg.resize_short == 256  # read from the server's config
     paths = sample_images()
     preds = clf.classify_files(paths, k=5, batch_size=batch_size)
@@ -120,7 +120,7 @@ def test_concurrent_requests_through_shared_memory_equal_onnxruntime(cpu_server,
     expected = OnnxRuntimeRunner(w18_offline.onnx).run(batch)
     key = cpu_server.admin_key  # the server's admin APIs, shared memory among them, need its key
     with TritonClassifier(
-        f"127.0.0.1:{port}", "HRNet_W18_C", protocol, concurrency=3, shared_memory=True, admin_key=key
+        f"127.0.0.1:{port}", "HRNet_W18_C", protocol, input="tensor", concurrency=3, shared_memory=True, admin_key=key
     ) as clf:
         regions = _shared_memory_regions(cpu_server)
         assert len([r for r in regions if r.startswith("hrnet-")]) == 6  # an input and an output per lane
@@ -152,7 +152,7 @@ def test_server_top_k_is_the_client_top_k(cpu_server, protocol):
 def test_wrong_shapes_and_dtypes_are_refused_before_sending(cpu_server):
     from hrnet_client.triton import InferenceError
 
-    clf = TritonClassifier(cpu_server.http_url, "HRNet_W18_C")
+    clf = TritonClassifier(cpu_server.http_url, "HRNet_W18_C", input="tensor")
     with pytest.raises(InferenceError, match=r"shape \(N>=1, 3, 224, 224\), got float32 \(2, 3, 256, 256\)"):
         clf.run(np.zeros((2, 3, 256, 256), np.float32))
     with pytest.raises(InferenceError, match="takes float32 tensors, got float64"):
@@ -195,7 +195,7 @@ def test_overload_is_reported_as_the_queue_policy_rejection(w18_offline, tmp_pat
     write_repository(Target.CPU, [variants.get("HRNet_W18_C")], repo, options, onnx_dir=w18_offline.onnx.parent)
     with LocalTritonServer(repo, serve_env=serve_env, ports=free_ports(), log_file=tmp_path / "triton.log") as srv:
         x = preprocess_files(sample_images()[:1])
-        with TritonClassifier(srv.http_url, "HRNet_W18_C", concurrency=12, retry_s=0) as clf:  # no retrying
+        with TritonClassifier(srv.http_url, "HRNet_W18_C", input="tensor", concurrency=12, retry_s=0) as clf:
             with pytest.raises(
                 ServerOverloadedError,
                 match="overloaded and rejected a batch of 8.*Exceeds maximum queue size.*not retried",
@@ -211,7 +211,7 @@ def test_overload_is_reported_as_the_queue_policy_rejection(w18_offline, tmp_pat
         refused = [r for r in rows if r["error"]]
         assert refused and all("is overloaded" in r["error"] for r in refused)
         assert len(refused) < len(rows), "the requests the queue admitted were answered"
-        assert TritonClassifier(srv.http_url, "HRNet_W18_C").run(x).shape == (1, 1000)  # and it recovers
+        assert TritonClassifier(srv.http_url, "HRNet_W18_C", input="tensor").run(x).shape == (1, 1000)  # recovered
 
 
 @pytest.mark.parametrize("from_server", [False, True], ids=["defaults", "server-config"])

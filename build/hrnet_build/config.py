@@ -7,6 +7,11 @@ module writes is a config Triton can parse. :func:`model_config` generates one f
 :func:`options_from_config` reads the options back, so the generator and the parser are checked
 against each other. Each target's defaults are ``RepositoryOptions.for_target``, explained in
 docs/repository.md.
+
+Each variant is served three ways (docs/inputs.md): :func:`model_config` writes the ``tensor``
+and ``uint8`` models, :func:`ensemble_config` the ``image`` ensemble, and
+:func:`preprocess_config` the one ``hrnet_preprocess`` model the ensembles share
+(``RepositoryOptions.for_preprocess`` holds its defaults).
 """
 
 from __future__ import annotations
@@ -19,10 +24,15 @@ from hrnet_core.contract import (
     CHANNELS,
     CROP_SIZE,
     DEFAULT_PREPROCESS,
+    IMAGE_INPUT_NAME,
+    INPUT_KIND_PARAMETER,
     INPUT_NAME,
+    MAX_PIXELS,
     NUM_CLASSES,
     OUTPUT_NAME,
+    PREPROCESS_MODEL,
     PreprocessConfig,
+    model_name,
     triton_parameters,
 )
 from hrnet_core.errors import HrnetTritonError
@@ -31,6 +41,11 @@ from hrnet_core.variants import Variant
 LABELS_FILE = "labels.txt"
 PLAN_FILE = "model.plan"
 ONNX_FILE = "model.onnx"
+# The kinds a runtime serves (the third, "image", is an ensemble of hrnet_preprocess and "tensor").
+RUNTIME_KINDS = ("tensor", "uint8")
+# hrnet_preprocess's parameters beside the preprocessing contract.
+MAX_PIXELS_PARAMETER = "max_pixels"
+DECODE_THREADS_PARAMETER = "decode_threads"
 
 
 class Target(str, enum.Enum):
@@ -77,6 +92,11 @@ class RepositoryOptions:
         """The target's defaults (docs/repository.md gives the measurements behind them)."""
         return _DEFAULTS[Target(target)]
 
+    @classmethod
+    def for_preprocess(cls, target: Target) -> RepositoryOptions:
+        """``hrnet_preprocess``'s defaults on ``target`` (``threads``: images decoded at once per batch)."""
+        return _PREPROCESS_DEFAULTS[Target(target)]
+
     def with_max_batch(self, max_batch: int) -> RepositoryOptions:
         """Another ``max_batch_size``; preferred and CUDA-graph sizes above it are dropped."""
         preferred = tuple(s for s in self.preferred_batch_sizes if s <= max_batch)
@@ -120,6 +140,18 @@ _DEFAULTS: dict[Target, RepositoryOptions] = {
     Target.CPU: RepositoryOptions(8, (), 0, 32, 5_000_000, 2, InstanceKind.CPU, threads=1),
 }
 
+# hrnet_preprocess, on the CPU whatever the target. Its max_batch_size is raised by the
+# repository writer to the largest of the models it feeds. Decoding and resizing a photograph
+# takes milliseconds against the classifier's tens to hundreds (docs/inputs.md), so on the cpu
+# target one instance of one thread keeps up and leaves both cores to ONNX Runtime. The gpu and
+# onnx pods have 4 cores: two instances, each decoding a batch's images on two threads (not
+# measured on a GPU: none was available).
+_PREPROCESS_DEFAULTS: dict[Target, RepositoryOptions] = {
+    Target.GPU: RepositoryOptions(32, (), 0, 256, 2_000_000, 2, InstanceKind.CPU, threads=2),
+    Target.ONNX: RepositoryOptions(16, (), 0, 64, 5_000_000, 2, InstanceKind.CPU, threads=2),
+    Target.CPU: RepositoryOptions(8, (), 0, 32, 5_000_000, 1, InstanceKind.CPU, threads=1),
+}
+
 
 def _pb():
     try:
@@ -132,28 +164,41 @@ def _pb():
 # -- generator: options -> ModelConfig ------------------------------------------------------------
 
 
+def _runtime_input(kind: str) -> tuple[int, list[int], int]:
+    """(data type, dims, format) of input ``x`` for a ``tensor`` or ``uint8`` model."""
+    pb = _pb()
+    if kind == "tensor":
+        return pb.TYPE_FP32, [CHANNELS, CROP_SIZE, CROP_SIZE], pb.ModelInput.FORMAT_NCHW
+    if kind == "uint8":
+        return pb.TYPE_UINT8, [CROP_SIZE, CROP_SIZE, CHANNELS], pb.ModelInput.FORMAT_NHWC
+    raise HrnetTritonError(f"a runtime serves input kinds {RUNTIME_KINDS}, not {kind!r}")
+
+
 def model_config(
     variant: Variant,
     target: Target,
     options: RepositoryOptions | None = None,
     *,
+    kind: str = "tensor",
     preprocess: PreprocessConfig = DEFAULT_PREPROCESS,
     cc_model_filenames: dict[str, str] | None = None,
 ):
-    """The ``ModelConfig`` message for ``variant`` on ``target`` (``options``: the target's defaults).
+    """The ``ModelConfig`` message for ``variant`` on ``target`` (``options``: the target's defaults),
+    taking ``kind`` input: ``tensor`` (float32 NCHW) or ``uint8`` (the crop, NHWC).
 
     For ``gpu``, ``cc_model_filenames`` maps compute capabilities ("7.5") to plan files in the
     version directory.
     """
     pb = _pb()
     o = options or RepositoryOptions.for_target(target)
-    cfg = pb.ModelConfig(name=variant.name, max_batch_size=o.max_batch_size)
+    data_type, dims, layout = _runtime_input(kind)
+    cfg = pb.ModelConfig(name=model_name(variant.name, kind), max_batch_size=o.max_batch_size)
     _set_runtime(cfg, target, cc_model_filenames)
-    cfg.input.add(name=INPUT_NAME, data_type=pb.TYPE_FP32, dims=[CHANNELS, CROP_SIZE, CROP_SIZE])
+    cfg.input.add(name=INPUT_NAME, data_type=data_type, format=layout, dims=dims)
     cfg.output.add(name=OUTPUT_NAME, data_type=pb.TYPE_FP32, dims=[NUM_CLASSES], label_filename=LABELS_FILE)
     _set_batching(cfg, o)
-    kind = pb.ModelInstanceGroup.KIND_GPU if o.instance_kind is InstanceKind.GPU else pb.ModelInstanceGroup.KIND_CPU
-    cfg.instance_group.add(count=o.instances, kind=kind)
+    group = pb.ModelInstanceGroup.KIND_GPU if o.instance_kind is InstanceKind.GPU else pb.ModelInstanceGroup.KIND_CPU
+    cfg.instance_group.add(count=o.instances, kind=group)
     cfg.version_policy.latest.num_versions = 1
     if o.cuda_graph_batch_sizes:
         cfg.optimization.cuda.graphs = True
@@ -161,13 +206,63 @@ def model_config(
             cfg.optimization.cuda.graph_spec.add(batch_size=size)
     for size in sorted({1, o.max_batch_size}):
         warm = cfg.model_warmup.add(name=f"random_batch_{size}", batch_size=size)
-        warm.inputs[INPUT_NAME].data_type = pb.TYPE_FP32
-        warm.inputs[INPUT_NAME].dims.extend([CHANNELS, CROP_SIZE, CROP_SIZE])
+        warm.inputs[INPUT_NAME].data_type = data_type
+        warm.inputs[INPUT_NAME].dims.extend(dims)
         # zeros, not random_data: random bytes read as float32 hold NaN and Inf, which the cpu target refuses
         warm.inputs[INPUT_NAME].zero_data = True
-    params = {"variant": variant.name, **preprocess.to_parameters(), **_thread_parameters(target, o.threads)}
+    _set_parameters(cfg, variant.name, kind, preprocess, _thread_parameters(target, o.threads))
+    return cfg
+
+
+def _set_parameters(cfg, variant: str | None, kind: str, preprocess: PreprocessConfig, extra: dict[str, str]) -> None:
+    """The contract a client reads from the config: the variant, the input kind, the preprocessing."""
+    named = {"variant": variant} if variant else {}
+    params = {**named, INPUT_KIND_PARAMETER: kind, **preprocess.to_parameters(), **extra}
     for key, value in params.items():
         cfg.parameters[key].string_value = value
+
+
+def ensemble_config(variant: Variant, max_batch_size: int, *, preprocess: PreprocessConfig = DEFAULT_PREPROCESS):
+    """``<variant>_image``: encoded image bytes -> ``hrnet_preprocess`` -> ``<variant>`` -> probabilities.
+
+    ``max_batch_size`` is the tensor model's. Its output carries the labels, so Triton's
+    classification extension answers through the ensemble too.
+    """
+    pb = _pb()
+    cfg = pb.ModelConfig(name=model_name(variant.name, "image"), platform="ensemble", max_batch_size=max_batch_size)
+    cfg.input.add(name=IMAGE_INPUT_NAME, data_type=pb.TYPE_STRING, dims=[1])
+    cfg.output.add(name=OUTPUT_NAME, data_type=pb.TYPE_FP32, dims=[NUM_CLASSES], label_filename=LABELS_FILE)
+    decode = cfg.ensemble_scheduling.step.add(model_name=PREPROCESS_MODEL, model_version=-1)
+    decode.input_map[IMAGE_INPUT_NAME] = IMAGE_INPUT_NAME
+    decode.output_map[INPUT_NAME] = INPUT_NAME
+    classify = cfg.ensemble_scheduling.step.add(model_name=model_name(variant.name, "tensor"), model_version=-1)
+    classify.input_map[INPUT_NAME] = INPUT_NAME
+    classify.output_map[OUTPUT_NAME] = OUTPUT_NAME
+    _set_parameters(cfg, variant.name, "image", preprocess, {})
+    return cfg
+
+
+def preprocess_config(
+    target: Target,
+    options: RepositoryOptions | None = None,
+    *,
+    preprocess: PreprocessConfig = DEFAULT_PREPROCESS,
+    max_pixels: int = MAX_PIXELS,
+):
+    """``hrnet_preprocess``: the python-backend model turning encoded images into the tensor model's
+    input, with ``hrnet_core.preprocess`` (build/hrnet_build/triton_preprocess_model.py)."""
+    pb = _pb()
+    o = options or RepositoryOptions.for_preprocess(target)
+    if max_pixels < 1:
+        raise HrnetTritonError(f"max_pixels must be at least 1, got {max_pixels}")
+    cfg = pb.ModelConfig(name=PREPROCESS_MODEL, backend="python", max_batch_size=o.max_batch_size)
+    cfg.input.add(name=IMAGE_INPUT_NAME, data_type=pb.TYPE_STRING, dims=[1])
+    cfg.output.add(name=INPUT_NAME, data_type=pb.TYPE_FP32, dims=[CHANNELS, CROP_SIZE, CROP_SIZE])
+    _set_batching(cfg, o)
+    cfg.instance_group.add(count=o.instances, kind=pb.ModelInstanceGroup.KIND_CPU)
+    cfg.version_policy.latest.num_versions = 1
+    extra = {MAX_PIXELS_PARAMETER: str(max_pixels), DECODE_THREADS_PARAMETER: str(o.threads or 1)}
+    _set_parameters(cfg, None, "image", preprocess, extra)
     return cfg
 
 
@@ -233,10 +328,14 @@ def target_of(cfg) -> Target:
 
 
 def options_from_config(cfg) -> RepositoryOptions:
-    """The :class:`RepositoryOptions` a ``ModelConfig`` was written from (the inverse of :func:`model_config`)."""
+    """The :class:`RepositoryOptions` a ``ModelConfig`` was written from (the inverse of :func:`model_config`
+    and :func:`preprocess_config`; an ensemble has none)."""
     pb = _pb()
+    if not cfg.instance_group:
+        raise HrnetTritonError(f"{cfg.name} has no instances to read options from (an ensemble?)")
     db, group = cfg.dynamic_batching, cfg.instance_group[0]
-    threads = triton_parameters(cfg).get(_THREADS_PARAMETER.get(target_of(cfg), ""))
+    key = DECODE_THREADS_PARAMETER if cfg.name == PREPROCESS_MODEL else _THREADS_PARAMETER.get(target_of(cfg), "")
+    threads = triton_parameters(cfg).get(key)
     return RepositoryOptions(
         max_batch_size=cfg.max_batch_size,
         preferred_batch_sizes=tuple(db.preferred_batch_size),

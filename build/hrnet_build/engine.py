@@ -27,15 +27,16 @@ from pathlib import Path
 import numpy as np
 
 from hrnet_core import atomic, release
-from hrnet_core.contract import INPUT_NAME, OUTPUT_NAME
+from hrnet_core.contract import INPUT_NAME, OUTPUT_NAME, model_name
 from hrnet_core.errors import EngineError, ManifestError
 from hrnet_core.manifest import PlanManifest, Profile, manifest_path
 from hrnet_core.parity import ParityLimits, ParityReport, compare
-from hrnet_core.preprocess import preprocess_files
+from hrnet_core.preprocess import load_crop, preprocess_files
 from hrnet_core.runtime import OnnxRuntimeRunner
 from hrnet_core.samples import sample_images
 from hrnet_core.variants import Variant
 
+from . import onnx_graph
 from .download import sha256_file
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,24 @@ def stale_reason(
     return None
 
 
+@dataclass(frozen=True)
+class OnnxInput:
+    """An ONNX model's input as the engine reads it: its kind (from its dtype: float32 is "tensor",
+    uint8 is "uint8"), its dimensions after the batch (NCHW or NHWC), and the batch's name."""
+
+    kind: str
+    dims: tuple[int, ...]
+    batch: str
+
+
 def check_onnx_dynamic_batch(onnx_path: Path) -> str:
     """The ONNX input must have a dynamic first dimension for a batch profile to exist; return its name."""
+    return onnx_input(onnx_path).batch
+
+
+def onnx_input(onnx_path: Path) -> OnnxInput:
+    """Read and check the ONNX model's input: one input ``x``, a dynamic batch, and the float32 NCHW
+    or UINT8 NHWC shape of a tensor or uint8 model (:mod:`hrnet_build.onnx_graph`)."""
     import onnx
 
     if not onnx_path.is_file():
@@ -121,7 +138,18 @@ def check_onnx_dynamic_batch(onnx_path: Path) -> str:
             f"{onnx_path}: the batch dimension is fixed at {dim0.dim_value}; a TensorRT batch profile needs a dynamic "
             "one. Export it again with `hrnet-triton export` (its models have a dynamic batch)"
         )
-    return dim0.dim_param or "?"
+    t = inputs[0].type.tensor_type
+    dims = tuple(d.dim_value for d in t.shape.dim[1:])
+    kind = {onnx.TensorProto.FLOAT: "tensor", onnx.TensorProto.UINT8: "uint8"}.get(t.elem_type)
+    wanted = {"tensor": onnx_graph.TENSOR_INPUT, "uint8": onnx_graph.UINT8_INPUT}.get(kind or "")
+    if wanted is None or dims != wanted.dims[1:]:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type else "undefined"
+        raise EngineError(
+            f"{onnx_path}: input {INPUT_NAME!r} is {dtype} {list(dims)} after the batch; the engine builds "
+            f"float32 {list(onnx_graph.TENSOR_INPUT.dims[1:])} (tensor) or uint8 "
+            f"{list(onnx_graph.UINT8_INPUT.dims[1:])} (uint8) models, as `hrnet-triton export` writes them"
+        )
+    return OnnxInput(kind, dims, dim0.dim_param or "?")
 
 
 def require_tensorrt():
@@ -162,7 +190,7 @@ def build_plan(
         config.set_flag(trt.BuilderFlag.FP16)  # every GPU TensorRT 10 supports (SM 7.0+) has fast FP16
     else:
         config.clear_flag(trt.BuilderFlag.TF32)
-    shapes = profile.shapes()
+    shapes = profile.shapes(onnx_input(onnx_path).dims)  # NCHW, or NHWC for a uint8 model
     opt_profile = builder.create_optimization_profile()
     opt_profile.set_shape(INPUT_NAME, shapes["min"], shapes["opt"], shapes["max"])
     config.add_optimization_profile(opt_profile)
@@ -204,23 +232,25 @@ def timing_cache_path(plans_dir: Path, tensorrt_version: str, device: Device) ->
     return plans_dir / f"timing.trt{tensorrt_version}.{device.slug}.cache"
 
 
-def plan_path(plans_dir: Path, variant: str, device: Device, precision: Precision) -> Path:
-    """``plans/HRNet_W18_C.sm75.fp16.plan``: the name `repo` and the engine-builder Job expect."""
-    return plans_dir / f"{variant}.sm{device.cc.replace('.', '')}.{precision.value}.plan"
+def plan_path(plans_dir: Path, variant: str, device: Device, precision: Precision, input_kind: str = "tensor") -> Path:
+    """``plans/HRNet_W18_C.sm75.fp16.plan`` (``HRNet_W18_C_uint8.sm75.fp16.plan`` for the uint8
+    model): the names `repo` and the engine-builder Job expect."""
+    return plans_dir / f"{model_name(variant, input_kind)}.sm{device.cc.replace('.', '')}.{precision.value}.plan"
 
 
 class TensorRTRunner:
     """A serialized plan run by TensorRT through Polygraphy, which manages the CUDA buffers."""
 
-    def __init__(self, plan: bytes, precision: Precision):
+    def __init__(self, plan: bytes, precision: Precision, input_kind: str = "tensor"):
         self.plan = plan
         self.name = f"TensorRT {precision.value}"
+        self.dtype = np.uint8 if input_kind == "uint8" else np.float32  # the uint8 plan takes the crops
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
         with TrtRunner(EngineFromBytes(self.plan)) as runner:
-            return runner.infer({INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})[OUTPUT_NAME]
+            return runner.infer({INPUT_NAME: np.ascontiguousarray(batch, dtype=self.dtype)})[OUTPUT_NAME]
 
 
 def plan_parity(
@@ -257,12 +287,12 @@ def engine(
     """
     if (out is None) == (plans_dir is None):
         raise EngineError("give the plan's path (--out) or the directory of plans (--plans-dir), not both")
-    check_onnx_dynamic_batch(onnx_path)
+    source = onnx_input(onnx_path)
     profile = Profile.for_max(max_batch)
     trt = require_tensorrt()
     device = gpu_device()
     if plans_dir is not None:
-        out = plan_path(plans_dir, variant.name, device, precision)
+        out = plan_path(plans_dir, variant.name, device, precision, source.kind)
         timing_cache = timing_cache or timing_cache_path(plans_dir, trt.__version__, device)
     assert out is not None
     reason = stale_reason(out, onnx_path, precision, profile, tensorrt_version=trt.__version__, device=device)
@@ -270,22 +300,33 @@ def engine(
         current = "current (same ONNX, GPU, TensorRT, precision, profile)"
         return EngineResult(out, PlanManifest.read(out), built=False, reason=current)
     photos = [Path(p) for p in (images or sample_images())][: profile.max]
-    batch = preprocess_files(photos)
+    batch = parity_batch(photos, source.kind)
     timing_cache = timing_cache or timing_cache_path(out.parent, trt.__version__, device)
     plan = build_plan(onnx_path, precision, profile, timing_cache=timing_cache)
     names = [p.name for p in photos]
     report = plan_parity(
-        OnnxRuntimeRunner(onnx_path).run(batch), TensorRTRunner(plan, precision).run(batch), names, precision
+        OnnxRuntimeRunner(onnx_path).run(batch),
+        TensorRTRunner(plan, precision, source.kind).run(batch),
+        names,
+        precision,
     )
     manifest = PlanManifest(
         variant=variant.name, plan_file=out.name, precision=precision.value, profile=profile,
         tensorrt_version=trt.__version__, gpu_name=device.name, compute_capability=device.cc,
-        onnx_sha256=sha256_file(onnx_path), parity=report,
+        onnx_sha256=sha256_file(onnx_path), parity=report, input_kind=source.kind,
     )  # fmt: skip
     atomic.write_bytes(out, plan)
     manifest.write(out)
     log.info("%s: %s plan for %s (cc %s) written to %s", variant.name, precision.value, device.name, device.cc, out)
     return EngineResult(out, manifest, built=True, reason=reason or "rebuilt on request")
+
+
+def parity_batch(photos: Sequence[Path], input_kind: str) -> np.ndarray:
+    """The plan's parity input: the float32 NCHW tensors, or the uint8 NHWC crops for a uint8 model
+    (its reference is ONNX Runtime on the same uint8 ONNX, fed the same crops)."""
+    if input_kind == "uint8":
+        return np.stack([load_crop(p) for p in photos])
+    return preprocess_files(photos)
 
 
 @dataclass(frozen=True)

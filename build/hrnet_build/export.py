@@ -12,6 +12,9 @@ stable names (:mod:`hrnet_core.contract`), and then gates it:
 
 Only a model that passes is written (atomically, with a JSON manifest beside it, and with the
 Paddle inference model if asked for).
+
+Every export then writes the ``uint8`` entry point beside it (:func:`uint8_model`): ``X_uint8.onnx``,
+the same network behind first nodes that normalise the 8-bit crop, gated against ``X.onnx`` alike.
 """
 
 from __future__ import annotations
@@ -31,15 +34,16 @@ import numpy as np
 
 import hrnet_core
 from hrnet_core import atomic
-from hrnet_core.contract import CHANNELS, CROP_SIZE, INPUT_NAME, NUM_CLASSES, ONNX_OPSET, OUTPUT_NAME
+from hrnet_core.contract import CHANNELS, CROP_SIZE, DEFAULT_PREPROCESS, INPUT_NAME, ONNX_OPSET, PreprocessConfig
 from hrnet_core.errors import ExportError, ParityError
 from hrnet_core.manifest import ExportManifest, TensorSpec
 from hrnet_core.parity import ParityLimits, ParityReport, compare
-from hrnet_core.preprocess import preprocess_files
+from hrnet_core.preprocess import load_crop, preprocess_files
 from hrnet_core.runtime import OnnxRuntimeRunner
 from hrnet_core.samples import sample_images
 from hrnet_core.variants import Variant
 
+from . import onnx_graph
 from . import weights as wts
 from .download import sha256_file
 
@@ -50,9 +54,8 @@ log = logging.getLogger(__name__)
 GATE = ParityLimits(max_abs_dprob=1e-5, top1_identical=True, min_top5_overlap=5, top5_same_order=True)
 PROB_SUM_TOL = 1e-4
 SATURATED = 0.999  # a top-1 probability above this on a photograph means the softmax is one-hot
-BATCH_DIM = "batch"
 
-STEPS = ("weights", "paddle inference model", "paddle2onnx", "onnx checker", "parity gate", "write")
+STEPS = ("weights", "paddle inference model", "paddle2onnx", "onnx checker", "parity gate", "write", "uint8 model")
 
 
 @contextlib.contextmanager
@@ -105,9 +108,9 @@ def export_onnx(
         model, weights_sha = _paddle_model(variant, resolved, Path(work) / "paddle")
         step("paddle2onnx")
         onnx_model = _standardise(_paddle2onnx(model, Path(work) / "raw.onnx"), variant, resolved)
-        in_spec, out_spec = _io_specs(onnx_model)
+        in_spec, out_spec = onnx_graph.io_specs(onnx_model)
         step("onnx checker")
-        candidate = _checked_save(onnx_model, variant, Path(work) / "model.onnx")
+        candidate = _checked_save(onnx_model, variant.name, Path(work) / "model.onnx")
         step("parity gate")
         report = gate(
             PaddleInferenceRunner(model),
@@ -119,27 +122,31 @@ def export_onnx(
         step("write")
         weights = {"kind": resolved.kind.value, "source": resolved.source, "sha256": weights_sha}
         weights["labels_meaningful"] = resolved.labels_meaningful
-        manifest = _manifest(variant, out, candidate, (in_spec, out_spec), weights, report, start)
+        manifest = _manifest(variant.name, out, candidate, (in_spec, out_spec), weights, report, start)
         if paddle_model_dir is not None:
             _copy_inference_model(model, Path(paddle_model_dir))
         with atomic.atomic_path(out, ".onnx") as tmp:
             shutil.move(candidate, tmp)  # the work dir may be on another filesystem
         manifest.write(out)
+        step("uint8 model")
+        u8 = uint8_model(out, parity_images=images)
     log.info("%s -> %s (%.1f MB); %s", variant.name, out, manifest.onnx_bytes / 1e6, report.summary())
+    log.info("%s uint8 input -> %s; %s", variant.name, onnx_graph.uint8_path(out), u8.parity.summary())
     return manifest
 
 
 def _manifest(
-    variant: Variant,
+    variant: str,
     out: Path,
     candidate: Path,
     specs: tuple[TensorSpec, TensorSpec],
     weights: dict,
     report: ParityReport,
     start: float,
+    input_kind: str = "tensor",
 ) -> ExportManifest:
     return ExportManifest(
-        variant=variant.name,
+        variant=variant,
         onnx_file=out.name,
         onnx_sha256=sha256_file(candidate),
         onnx_bytes=candidate.stat().st_size,
@@ -151,6 +158,7 @@ def _manifest(
         parity=report,
         export_seconds=round(time.perf_counter() - start, 1),
         peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        input_kind=input_kind,
     )
 
 
@@ -162,13 +170,13 @@ def _paddle_model(variant: Variant, resolved: wts.Weights, work: Path) -> tuple[
     return _save_inference_model(variant, resolved, work)
 
 
-def _checked_save(onnx_model, variant: Variant, dest: Path) -> Path:
+def _checked_save(onnx_model, name: str, dest: Path) -> Path:
     import onnx
 
     try:
         onnx.checker.check_model(onnx_model, full_check=True)
-    except onnx.checker.ValidationError as err:
-        raise ExportError(f"{variant.name}: the ONNX model fails onnx.checker: {err}") from err
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
+        raise ExportError(f"{name}: the ONNX model fails onnx.checker: {err}") from err
     onnx.save(onnx_model, dest)
     return dest
 
@@ -233,67 +241,67 @@ def _paddle2onnx(model: wts.InferenceModel, dest: Path):
     return onnx.load(str(dest))
 
 
-def _rename(graph, old: str, new: str) -> None:
-    for node in graph.node:
-        node.input[:] = [new if n == old else n for n in node.input]
-        node.output[:] = [new if n == old else n for n in node.output]
-    for vi in [*graph.input, *graph.output, *graph.value_info]:
-        if vi.name == old:
-            vi.name = new
-
-
 def _standardise(model, variant: Variant, resolved: wts.Weights):
-    """Give the single input and output their stable names and a named dynamic batch dimension."""
-    graph = model.graph
-    initializers = {i.name for i in graph.initializer}
-    inputs = [i for i in graph.input if i.name not in initializers]
-    if len(inputs) != 1 or len(graph.output) != 1:
-        raise ExportError(
-            f"{variant.name}: expected one image input and one output, found inputs "
-            f"{[i.name for i in inputs]} and outputs {[o.name for o in graph.output]}"
-        )
-    taken = {n for node in graph.node for n in [*node.input, *node.output]} | initializers
-    for tensor, name in ((inputs[0], INPUT_NAME), (graph.output[0], OUTPUT_NAME)):
-        if tensor.name != name:
-            if name in taken:
-                raise ExportError(f"{variant.name}: cannot rename {tensor.name!r} to {name!r}: the name is in use")
-            _rename(graph, tensor.name, name)
-        dim0 = tensor.type.tensor_type.shape.dim[0]
-        if dim0.HasField("dim_value") and dim0.dim_value > 0:
-            raise ExportError(
-                f"{variant.name}: {name} has a fixed batch size of {dim0.dim_value}; the inference model "
-                "must be exported with a dynamic batch dimension (InputSpec shape [None, 3, 224, 224])"
-            )
-        dim0.dim_param = BATCH_DIM
+    """Stable names, a named dynamic batch dimension, and the metadata (:func:`onnx_graph.standardise`)."""
     meta = {
         "variant": variant.name,
         "producer": f"hrnet-triton {hrnet_core.__version__}",
         "weights": resolved.kind.value,
         "labels_meaningful": "true" if resolved.labels_meaningful else "false",
     }
-    del model.metadata_props[:]
-    for key, value in meta.items():
-        model.metadata_props.add(key=key, value=value)
-    return model
+    return onnx_graph.standardise(model, variant.name, meta)
 
 
-def _io_specs(model) -> tuple[TensorSpec, TensorSpec]:
+def uint8_model(
+    float_onnx: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    *,
+    cfg: PreprocessConfig = DEFAULT_PREPROCESS,
+    parity_images: Sequence[str | os.PathLike[str]] | None = None,
+) -> ExportManifest:
+    """The exported float model ``X.onnx`` behind first nodes that take the 8-bit crop, written to
+    ``out`` (default ``X_uint8.onnx`` beside it, :func:`onnx_graph.uint8_path`) with its manifest.
+
+    Input ``x`` becomes UINT8 NHWC [batch, 224, 224, 3], channels in ``cfg.channel_order``; Cast,
+    Mul, Sub, Div and Transpose compute ``(x * float32(scale) - mean) / std`` in float32 and NCHW,
+    PaddleClas's order, so the network gets :func:`~hrnet_core.preprocess.normalize_chw`'s tensor bit
+    for bit (:func:`onnx_graph.prepend_normalisation`). Gated like the export (:data:`GATE`): ONNX
+    Runtime on the crops (:func:`~hrnet_core.preprocess.load_crop` with ``cfg``) against ONNX Runtime
+    on the float model fed the contract's tensors (:data:`~hrnet_core.contract.DEFAULT_PREPROCESS`).
+    Only a model that passes is written, atomically; a failing one raises :class:`ParityError`.
+    """
     import onnx
 
-    def spec(vi) -> TensorSpec:
-        t = vi.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
-        return TensorSpec(vi.name, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, dims)
-
-    graph = model.graph
-    initializers = {i.name for i in graph.initializer}
-    in_spec = spec(next(i for i in graph.input if i.name not in initializers))
-    out_spec = spec(graph.output[0])
-    want_in = TensorSpec(INPUT_NAME, "float32", (-1, CHANNELS, CROP_SIZE, CROP_SIZE))
-    want_out = TensorSpec(OUTPUT_NAME, "float32", (-1, NUM_CLASSES))
-    if (in_spec, out_spec) != (want_in, want_out):
-        raise ExportError(f"the ONNX model's tensors are {in_spec} -> {out_spec}; expected {want_in} -> {want_out}")
-    return in_spec, out_spec
+    start = time.perf_counter()
+    float_onnx = Path(float_onnx)
+    out = Path(out) if out is not None else onnx_graph.uint8_path(float_onnx)
+    if out.suffix != ".onnx" or out.resolve() == float_onnx.resolve():
+        raise ExportError(f"{out}: the uint8 model needs its own path ending in .onnx, not {float_onnx}")
+    source = ExportManifest.read(float_onnx)  # the float model's record: variant, weights
+    images = [Path(p) for p in (parity_images or sample_images())]
+    tensors = preprocess_files(images)  # the float path, as the tensor model is served
+    crops = np.stack([load_crop(p, cfg) for p in images])
+    model = onnx_graph.prepend_normalisation(onnx.load(str(float_onnx)), cfg)
+    specs = onnx_graph.io_specs(model, onnx_graph.UINT8_INPUT)
+    with tempfile.TemporaryDirectory(prefix="hrnet-uint8-") as work:
+        candidate = _checked_save(model, f"{source.variant} (uint8)", Path(work) / "model.onnx")
+        reference, candidate_runner = OnnxRuntimeRunner(float_onnx), OnnxRuntimeRunner(candidate)
+        reference.name, candidate_runner.name = "ONNX Runtime, float tensors", "ONNX Runtime, uint8 crops"
+        report = gate(
+            reference,
+            candidate_runner,
+            tensors,
+            [p.name for p in images],
+            offline=not source.weights.get("labels_meaningful", True),
+            candidate_batch=crops,
+            what=f"the uint8 model {out.name}",
+        )
+        manifest = _manifest(source.variant, out, candidate, specs, source.weights, report, start, "uint8")
+        with atomic.atomic_path(out, ".onnx") as tmp:
+            shutil.move(candidate, tmp)
+            manifest.write(out)  # before the model is renamed into place: an interrupt leaves neither
+    log.info("%s -> %s (uint8 NHWC input); %s", float_onnx.name, out, report.summary())
+    return manifest
 
 
 class PaddleInferenceRunner:
@@ -330,10 +338,21 @@ class PaddleInferenceRunner:
         return predictor.get_output_handle(predictor.get_output_names()[0]).copy_to_cpu()
 
 
-def gate(reference, candidate, batch: np.ndarray, names: Sequence[str], *, offline: bool) -> ParityReport:
+def gate(
+    reference,
+    candidate,
+    batch: np.ndarray,
+    names: Sequence[str],
+    *,
+    offline: bool,
+    candidate_batch: np.ndarray | None = None,
+    what: str = "the ONNX model",
+) -> ParityReport:
     """The export's gate: ``candidate`` (ONNX Runtime) against ``reference`` (Paddle Inference) on
-    the photographs; raise :class:`ParityError` unless it passes :data:`GATE`."""
-    expected, actual = reference.run(batch), candidate.run(batch)
+    the photographs; raise :class:`ParityError` unless it passes :data:`GATE`. ``candidate_batch``
+    is the candidate's own input for the same photographs (the uint8 crops), if it is not ``batch``."""
+    expected = reference.run(batch)
+    actual = candidate.run(batch if candidate_batch is None else candidate_batch)
     sums = actual.sum(axis=1)
     if np.abs(sums - 1).max() > PROB_SUM_TOL:
         raise ParityError(
@@ -342,7 +361,7 @@ def gate(reference, candidate, batch: np.ndarray, names: Sequence[str], *, offli
         )
     report = compare(
         expected, actual, GATE, images=names, reference_name=reference.name, candidate_name=candidate.name
-    ).require("the ONNX model")
+    ).require(what)
     if offline and report.max_top1_prob > SATURATED:
         raise ParityError(
             f"offline weights are saturated (a top-1 probability of {report.max_top1_prob:.6f}): "

@@ -1,13 +1,15 @@
 """Triton ``python``-backend model: an exported HRNet run by ONNX Runtime (the ``cpu`` target).
 
 `hrnet-triton repo --target cpu` copies this file to ``<model>/1/model.py`` beside
-``model.onnx``. It runs inside Triton's Python backend stub, in the environment whose ``bin/``
-is first on ``PATH`` when the server starts, so it imports nothing from this project.
+``model.onnx``: the float32 model of ``<variant>`` and the uint8 one of ``<variant>_uint8``
+(docs/inputs.md); it serves whichever input type its ONNX model takes. It runs inside Triton's
+Python backend stub, in the environment whose ``bin/`` is first on ``PATH`` when the server
+starts, and imports nothing from this project.
 
 Every dynamic batch Triton forms is run as one ONNX Runtime call; the outputs are split back
-per request. A request whose input holds NaN or ±Inf is answered with its own error (INVALID_ARG,
-HTTP 400) and left out of that call, so the other requests of its batch still get
-their probabilities, in order.
+per request. A request whose float input holds NaN or ±Inf is answered with its own error
+(INVALID_ARG, HTTP 400) and left out of that call (uint8 pixels are always finite), so the
+other requests of its batch still get their probabilities, in order.
 """
 
 import json
@@ -49,7 +51,7 @@ class TritonPythonModel:
         responses = [None] * len(requests)
         good = []
         for i, a in enumerate(arrays):
-            bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+            bad = int(a.size - np.count_nonzero(np.isfinite(a))) if a.dtype.kind == "f" else 0
             if bad:
                 responses[i] = pb_utils.InferenceResponse(error=_invalid_input(bad))
             else:

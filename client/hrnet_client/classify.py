@@ -30,6 +30,8 @@ from hrnet_core.labels import Guess, Labels, imagenet_labels, top_k
 from hrnet_core.preprocess import default_workers, try_load_tensor
 from hrnet_core.runtime import Runner
 
+from .inputs import loader
+
 log = logging.getLogger(__name__)
 
 
@@ -58,6 +60,11 @@ class Classifier:
 
     def close(self) -> None:
         """Release what the classifier holds (connections, threads); the base holds nothing."""
+
+    def _loader(self, max_pixels: int = MAX_PIXELS, max_bytes: int | None = None):
+        """A function: an image file -> what :meth:`run` takes for it (or its :class:`ImageError`).
+        The base makes PaddleClas's float32 tensors."""
+        return functools.partial(try_load_tensor, cfg=self.cfg, max_pixels=max_pixels, max_bytes=max_bytes)
 
     def __enter__(self):
         return self
@@ -93,7 +100,7 @@ class Classifier:
         gets its error; everything else is still classified."""
         batch_size = max(1, min(batch_size, self.max_batch))
         window = 2 * max(1, self.concurrency)
-        load = functools.partial(try_load_tensor, cfg=self.cfg, max_pixels=max_pixels, max_bytes=max_bytes)
+        load = self._loader(max_pixels, max_bytes)
         chunks = _chunked(paths, batch_size)
         loading: deque[_Chunk] = deque()  # tensors being made, in order
         running: deque[_Chunk] = deque()  # batches sent, in order
@@ -199,8 +206,12 @@ class _Chunk:
                 yield Prediction(path, error=self.errors[i])
             elif isinstance(outcome, HrnetTritonError):
                 yield Prediction(path, error=str(outcome))
-            else:
-                yield Prediction(path, next(rows))
+            else:  # a row: ranked, probabilities (a batch answered image by image), or that image's own error
+                row = next(rows)
+                if isinstance(row, HrnetTritonError):  # the server refused this image: named, as a local error is
+                    yield Prediction(path, error=f"{path}: {row}")
+                else:
+                    yield Prediction(path, _rank(row[np.newaxis], labels, k)[0] if isinstance(row, np.ndarray) else row)
 
 
 class RunnerClassifier(Classifier):
@@ -214,6 +225,11 @@ class RunnerClassifier(Classifier):
         self.labels_meaningful = meta.get("labels_meaningful", "true") == "true"
         if not self.labels_meaningful:
             log.warning("the model was exported with OFFLINE weights: its labels are meaningless")
+
+    def _loader(self, max_pixels: int = MAX_PIXELS, max_bytes: int | None = None):
+        if getattr(self.runner, "input_dtype", None) == np.uint8:  # a uint8 model: it takes the crops
+            return loader("uint8", self.cfg, max_pixels, max_bytes)
+        return super()._loader(max_pixels, max_bytes)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self.runner.run(batch)

@@ -20,9 +20,20 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from hrnet_core.contract import ADMIN_HEADER, ADMIN_KEY_ENV, OUTPUT_NAME, PreprocessConfig
+from hrnet_core.contract import (
+    ADMIN_HEADER,
+    ADMIN_KEY_ENV,
+    DEFAULT_PREPROCESS,
+    INPUT_KINDS,
+    MODEL_SUFFIX,
+    OUTPUT_NAME,
+    PreprocessConfig,
+    model_name,
+)
 from hrnet_core.errors import HrnetTritonError
 from hrnet_core.labels import Guess, Labels, imagenet_labels
+
+from .inputs import InputError, ModelInput, input_of
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +107,7 @@ class ServedModel:
     max_batch: int
     labels: Labels = field(repr=False)
     config: dict = field(repr=False)
+    input: ModelInput = ModelInput("tensor", "x", "FP32", (3, 224, 224))
 
 
 def new_client(addr: str, protocol: Protocol, timeout_s: float = 60.0):
@@ -228,9 +240,15 @@ def describe(
     wait_live(client, addr, protocol, retries)
     config = _model_config(client, protocol, addr, model)
     try:
-        cfg = PreprocessConfig.from_triton_config(config)
+        cfg, missing = PreprocessConfig.from_triton_config(config), None
     except ValueError as err:
-        raise UnknownModelError(f"model {model!r} on {addr} does not carry the HRNet contract: {err}") from err
+        cfg, missing = DEFAULT_PREPROCESS, err
+    try:
+        spec = input_of(config, f"model {model!r} on {addr}", cfg.crop_size)
+    except InputError as err:
+        raise UnknownModelError(str(err)) from err
+    if missing is not None and spec.kind != "image":  # an image model preprocesses on the server
+        raise UnknownModelError(f"model {model!r} on {addr} does not carry the HRNet contract: {missing}")
     outputs = {o.get("name"): o for o in config.get("output", [])}
     if OUTPUT_NAME not in outputs:
         raise UnknownModelError(f"model {model!r} on {addr} has no {OUTPUT_NAME!r} output; is it an HRNet classifier?")
@@ -242,7 +260,71 @@ def describe(
         max_batch=int(config.get("max_batch_size", 1)) or 1,
         labels=imagenet_labels(),
         config=config,
+        input=spec,
     )
+
+
+def _ready(client: Any, model: str) -> bool:
+    """Whether the server serves ``model``, ready (model readiness is open to every client, unlike the index)."""
+    try:
+        return bool(client.is_model_ready(model))
+    except Exception:  # noqa: BLE001 - an unknown model is an error over gRPC, False over HTTP
+        return False
+
+
+def family(model: str) -> str:
+    """The variant a served name belongs to: HRNet_W18_C_image -> HRNet_W18_C."""
+    for suffix in MODEL_SUFFIX.values():
+        if suffix and model.endswith(suffix):
+            return model.removesuffix(suffix)
+    return model
+
+
+def choose(
+    client: Any,
+    addr: str,
+    protocol: Protocol | str,
+    model: str,
+    kind: str | None = None,
+    *,
+    shared_memory: bool = False,
+    retries: int = LIVE_RETRIES,
+) -> ServedModel:
+    """The served model to send ``model``'s images to, taking ``kind`` of input.
+
+    ``kind`` None takes what the server offers best: ``<model>_image`` if it is served (not with
+    ``shared_memory``: encoded files do not go through shared memory), else ``<model>_uint8``,
+    else ``model`` itself. A model named with its kind (``HRNet_W18_C_image``) is taken as it is;
+    its config's ``input_kind`` says what it takes. Asking ``model`` for another kind picks its
+    sibling: ``HRNet_W18_C`` with ``uint8`` is ``HRNet_W18_C_uint8``.
+    """
+    protocol = Protocol(protocol)
+    if kind is not None and kind not in INPUT_KINDS:
+        raise HrnetTritonError(f"--input {kind!r}: choose one of {', '.join(INPUT_KINDS)}")
+    wait_live(client, addr, protocol, retries)
+    if kind is None and family(model) == model:
+        best = [k for k in ("image", "uint8") if not (shared_memory and k == "image")]
+        kind = next((k for k in best if _ready(client, model_name(model, k))), None)
+        if kind is not None:
+            return _sibling(client, addr, protocol, model, kind)
+    if kind is None:
+        return describe(client, addr, protocol, model, retries=0)
+    if _ready(client, model):
+        served = describe(client, addr, protocol, model, retries=0)
+        if served.input.kind == kind:
+            return served
+    return _sibling(client, addr, protocol, model, kind)
+
+
+def _sibling(client: Any, addr: str, protocol: Protocol, model: str, kind: str) -> ServedModel:
+    name = model_name(family(model), kind)
+    try:
+        served = describe(client, addr, protocol, name, retries=0)
+    except UnknownModelError as err:
+        raise UnknownModelError(f"{err}. --input {kind} needs {name}; choose another --input, or serve it") from err
+    if served.input.kind != kind:
+        raise UnknownModelError(f"{name} on {addr} takes {served.input.kind} input, not --input {kind}")
+    return served
 
 
 def parse_classification(entries: np.ndarray) -> list[tuple[Guess, ...]]:

@@ -112,3 +112,24 @@ DEFAULT_PREPROCESS = PreprocessConfig()
 ADMIN_HEADER = "admin-key"
 ADMIN_KEY_ENV = "HRNET_TRITON_ADMIN_KEY"
 RESTRICTED_APIS = ("shared-memory", "model-repository", "statistics", "trace", "logging")
+
+
+# -- the three ways to call one variant (docs/inputs.md) -------------------------------------------
+#
+#   <variant>          "tensor": float32 NCHW [N, 3, 224, 224], preprocessed by the caller;
+#   <variant>_uint8    "uint8": the resized, center-cropped RGB image as UINT8 NHWC [N, 224, 224, 3];
+#                      the normalisation and the transpose are the first nodes of the model itself;
+#   <variant>_image    "image": the encoded file's bytes (JPEG, PNG, BMP, TIFF, WebP) as TYPE_STRING
+#                      [N, 1]; an ensemble of the server-side preprocessing model and the tensor model.
+#
+# Every config states its kind in the ``input_kind`` parameter, so a client needs no flag to know.
+INPUT_KINDS = ("tensor", "uint8", "image")
+INPUT_KIND_PARAMETER = "input_kind"
+IMAGE_INPUT_NAME = "image"
+PREPROCESS_MODEL = "hrnet_preprocess"
+MODEL_SUFFIX = {"tensor": "", "uint8": "_uint8", "image": "_image"}
+
+
+def model_name(variant: str, kind: str) -> str:
+    """The served name of ``variant`` for one input kind: HRNet_W18_C, HRNet_W18_C_uint8, HRNet_W18_C_image."""
+    return variant + MODEL_SUFFIX[kind]

@@ -107,6 +107,9 @@ class ExportManifest(Manifest):
     export_seconds: float
     peak_rss_mib: float
     created: str = field(default_factory=_now)
+    # "tensor" (float32 NCHW) or "uint8" (the 8-bit NHWC crop, normalised by the model's first
+    # nodes); manifests written before the uint8 models existed have none and are "tensor"
+    input_kind: str = "tensor"
 
 
 @dataclass(frozen=True)
@@ -138,8 +141,12 @@ class Profile:
             opt *= 2
         return cls(1, max(1, min(opt, max_batch)), max_batch)
 
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: (getattr(self, k), CHANNELS, CROP_SIZE, CROP_SIZE) for k in ("min", "opt", "max")}
+    def shapes(self, dims: tuple[int, ...] = (CHANNELS, CROP_SIZE, CROP_SIZE)) -> dict[str, tuple[int, ...]]:
+        """min/opt/max input shapes: the batch size, then ``dims``, the ONNX input's other dimensions
+        (NCHW ``(3, 224, 224)`` for the tensor models, NHWC ``(224, 224, 3)`` for the uint8 ones)."""
+        if not dims or any(d <= 0 for d in dims):
+            raise EngineError(f"a profile needs the input's fixed dimensions after the batch, got {dims}")
+        return {k: (getattr(self, k), *dims) for k in ("min", "opt", "max")}
 
 
 @dataclass(frozen=True)
@@ -158,3 +165,4 @@ class PlanManifest(Manifest):
     onnx_sha256: str
     parity: ParityReport
     created: str = field(default_factory=_now)
+    input_kind: str = "tensor"  # as in ExportManifest; older manifests have none and are "tensor"

@@ -26,7 +26,8 @@ class Runner(Protocol):
     name: str  # for reports: "ONNX Runtime", "Paddle Inference", "TensorRT fp16", "Triton HTTP"
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """float32 (N, 3, H, W) -> float32 (N, NUM_CLASSES) probabilities."""
+        """float32 (N, 3, H, W) -> float32 (N, NUM_CLASSES) probabilities (uint8 (N, H, W, 3) crops
+        for a model of the ``uint8`` kind, :mod:`hrnet_core.contract`)."""
         ...
 
 
@@ -45,6 +46,8 @@ class OnnxRuntimeRunner:
         options.intra_op_num_threads = threads
         self.path = path
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        # float32 NCHW tensors for the tensor models; the uint8 models take the 8-bit NHWC crops
+        self.input_dtype = np.dtype(np.uint8 if self.session.get_inputs()[0].type == "tensor(uint8)" else np.float32)
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -52,4 +55,10 @@ class OnnxRuntimeRunner:
         return dict(self.session.get_modelmeta().custom_metadata_map)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.asarray(batch, dtype=np.float32)})[0]
+        batch = np.asarray(batch)
+        if self.input_dtype == np.uint8 and batch.dtype != np.uint8:
+            raise HrnetTritonError(
+                f"{self.path.name} takes uint8 crops (N, 224, 224, 3), got a {batch.dtype} batch; "
+                "feed it hrnet_core.preprocess.load_crop's output, not a normalised tensor"
+            )
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch.astype(self.input_dtype, copy=False)})[0]

@@ -36,7 +36,7 @@ def run(
     """
     variant = variants.get(variant_name)
     onnx = out / f"{variant.name}.onnx"
-    if not onnx.is_file():
+    if not onnx.is_file() or not onnx.with_name(f"{variant.name}_uint8.onnx").is_file():
         m = export_onnx(variant, WeightsSpec.parse("offline"), onnx, progress=progress)
         print(f"exported {onnx} (offline weights): {m.parity.summary()}")
     repo = out / "repository-cpu"
@@ -51,11 +51,16 @@ def run(
             f"Triton {variant.name} (cpu target) listening on {host}: HTTP {server.http_url}, "
             f"gRPC {server.connect_host}:{ports.grpc}; log {out / 'triton.log'}"
         )
-        for protocol, port in (("http", ports.http), ("grpc", ports.grpc)):
-            with TritonClassifier(f"{server.connect_host}:{port}", variant.name, protocol) as classifier:
+        # All three entry points (docs/inputs.md), over both protocols: the same answers.
+        for protocol, port, kind in (
+            ("http", ports.http, "image"),
+            ("grpc", ports.grpc, "uint8"),
+            ("http", ports.http, "tensor"),
+        ):
+            with TritonClassifier(f"{server.connect_host}:{port}", variant.name, protocol, input=kind) as classifier:
                 preds = classifier.classify_files(sample_images(), k=top_k)
-            sent = f"{classifier.model}, input {classifier.input.describe()}"  # the best the server offers
-            print(f"\n== over {protocol.upper()} ==\n{sent}\n{format_predictions(preds)}", flush=True)
+            sent = f"{classifier.model}, input {classifier.input.describe()}"
+            print(f"\n== over {protocol.upper()}, {kind} input ==\n{sent}\n{format_predictions(preds)}", flush=True)
         print("\nNOTE: offline weights: these labels are meaningless (export with --weights auto for real ones).")
         if keep_serving:
             notice = admin_key_notice(server)

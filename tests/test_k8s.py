@@ -403,7 +403,7 @@ def _gpu_build_reason() -> str | None:
     import importlib.util
 
     if importlib.util.find_spec("tensorrt") is None:
-        return "the tensorrt module is not installed (no registry here serves the TensorRT builder; see DESIGN.md)"
+        return "the tensorrt module is not installed (no package registry serves the TensorRT builder; docs/facts.md)"
     try:
         ctypes.CDLL("libcuda.so.1")
     except OSError:

@@ -85,31 +85,29 @@ def test_address_accepts_urls_and_fills_default_ports():
     assert address("grpc://example:7001", Protocol.GRPC, grpc_port=9001) == "example:7001"
 
 
-def test_demo_serves_and_classifies_over_both_protocols(w18_offline, tmp_path, capsys, serve_env, free_ports):
+def test_demo_classifies_through_all_three_inputs_over_both_protocols(
+    w18_offline, tmp_path, capsys, serve_env, free_ports
+):
     import shutil
 
     out = tmp_path / "artifacts"
     out.mkdir()
-    shutil.copy(w18_offline.onnx, out / "HRNet_W18_C.onnx")  # the demo exports only if the model is missing
+    for name in ("HRNet_W18_C.onnx", "HRNet_W18_C_uint8.onnx"):  # the demo exports only if they are missing
+        shutil.copy(w18_offline.onnx.with_name(name), out / name)
     ports = free_ports()
-    code = main(
-        [
-            "demo",
-            "--out",
-            str(out),
-            "--http-port",
-            str(ports.http),
-            "--grpc-port",
-            str(ports.grpc),
-            "--metrics-port",
-            str(ports.metrics),
-        ]
-    )
+    args = ["demo", "--out", str(out), "--http-port", str(ports.http), "--grpc-port", str(ports.grpc)]
+    code = main([*args, "--metrics-port", str(ports.metrics)])
     printed = capsys.readouterr().out
     assert code == 0
-    assert "== over HTTP ==" in printed and "== over GRPC ==" in printed
-    http, grpc = printed.split("== over GRPC ==")
-    assert http.split("== over HTTP ==")[1].strip().splitlines()[:8] == grpc.strip().splitlines()[:8]
+    blocks = printed.split("\n== over ")[1:]
+    assert [b.split(" ==")[0] for b in blocks] == ["HTTP, image input", "GRPC, uint8 input", "HTTP, tensor input"]
+
+    def classes(block: str) -> list[str]:  # class id and label of each line, without the probability
+        return [
+            line.split(None, 1)[1] for line in block.splitlines()[2:] if line.startswith("  ") and "error" not in line
+        ]
+
+    assert classes(blocks[0]) and classes(blocks[0]) == classes(blocks[1]) == classes(blocks[2])
 
 
 @pytest.mark.parametrize("protocol", list(Protocol), ids=lambda p: p.value)

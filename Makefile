@@ -7,6 +7,7 @@ PYTHON  ?= python3
 BIN     := $(VENV)/bin
 OUT     ?= artifacts
 SERVE_ENV ?= .venv-serve
+TOOLS_ENV ?= .venv-tools
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 # The nvidia-pytriton wheel of the one pinned Triton release (core/hrnet_core/release.py).
@@ -14,7 +15,7 @@ PYTRITON_VERSION := $(shell $(PYTHON) core/hrnet_core/release.py pytriton)
 
 K8S_SCHEMAS ?= .cache/k8s-schemas
 
-.PHONY: setup serve-env k8s-schemas demo lint test clean
+.PHONY: setup serve-env tools-env k8s-schemas demo lint test clean
 
 setup: $(VENV)/.installed
 
@@ -45,6 +46,32 @@ $(SERVE_ENV)/.installed: Makefile pyproject.toml
 	$(SERVE_ENV)/bin/python -c "import hrnet_core.preprocess"
 	touch $@
 
+# NVIDIA's measuring tools, in an environment of their own (docs/bench.md): perf_analyzer and
+# Model Analyzer. tritonclient 2.41.1 is the newest wheel on the registry that still carries the
+# perf_analyzer binary (later ones dropped it, and the perf-analyzer project has no binary wheel
+# here); its pins (numpy, protobuf, grpcio) must not meet the project's. The binary needs
+# libb64 (Debian's libb64-0d, unpacked here with apt-get download: no root needed) and
+# libcudart.so.12 (the nvidia-cuda-runtime-cu12 wheel; no GPU is needed); both are linked into
+# lib/native, which hrnet_triton/tools.py puts on LD_LIBRARY_PATH. Without apt-get the binary
+# cannot start and its tests are skipped, saying why.
+tools-env: $(TOOLS_ENV)/.installed
+
+$(TOOLS_ENV)/.installed: Makefile
+	$(PYTHON) -m venv $(TOOLS_ENV)
+	$(TOOLS_ENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TOOLS_ENV)/bin/python -m pip install --quiet "tritonclient[all]==2.41.1" "triton-model-analyzer==1.58.0" \
+	  "nvidia-cuda-runtime-cu12==12.9.79"
+	rm -rf $(TOOLS_ENV)/lib/native && mkdir -p $(TOOLS_ENV)/lib/native
+	ln -s "$$(cd $(TOOLS_ENV) && pwd)/$$($(TOOLS_ENV)/bin/python -c \
+	  'import nvidia.cuda_runtime, os, sys; print(os.path.relpath(nvidia.cuda_runtime.__path__[0], sys.prefix))')/lib/libcudart.so.12" \
+	  $(TOOLS_ENV)/lib/native/libcudart.so.12
+	@if command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null; then \
+	  cd $(TOOLS_ENV)/lib/native && apt-get download -qq libb64-0d 2>/dev/null \
+	  && dpkg-deb -x libb64-0d_*.deb deb && cp deb/usr/lib/x86_64-linux-gnu/libb64.so.0d . && rm -rf deb libb64-0d_*.deb \
+	  || echo "tools-env: could not fetch libb64-0d; perf_analyzer will not start and its tests will be skipped"; \
+	else echo "tools-env: no apt-get here; perf_analyzer needs libb64.so.0d in $(TOOLS_ENV)/lib/native"; fi
+	touch $@
+
 # The prometheus-operator's ServiceMonitor schema (tests/test_k8s.py validates k8s/ against it),
 # from the npm registry; without node and npm its test is skipped with the reason.
 k8s-schemas: $(K8S_SCHEMAS)/.installed
@@ -65,7 +92,7 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
-test: setup serve-env k8s-schemas lint
+test: setup serve-env tools-env k8s-schemas lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -25,10 +25,13 @@ WORKDIR /tmp
 # python-backend model of the <variant>_image ensembles, docs/inputs.md) imports: this project's
 # base install (hrnet_core with numpy, OpenCV, imagesize), pinned to the numpy-1 releases of
 # build/engine-constraints.txt for the image's Python 3.10 and its python backend stub.
+# The onnx target (the cpu overlay) runs on the image's own openvino backend (docs/cpu-speed.md):
+# the build stops here if the release does not ship it.
 FROM nvcr.io/nvidia/tritonserver:${NGC_RELEASE}-py3 AS server
 COPY . /opt/hrnet-triton
 RUN python3 -m pip install --no-cache-dir -c /opt/hrnet-triton/build/engine-constraints.txt /opt/hrnet-triton \
-    && python3 -c "import numpy, hrnet_core.preprocess; assert numpy.__version__.startswith('1.'), numpy.__version__"
+    && python3 -c "import numpy, hrnet_core.preprocess; assert numpy.__version__.startswith('1.'), numpy.__version__" \
+    && test -f /opt/tritonserver/backends/openvino/libtriton_openvino.so
 USER 1000
 
 # Locust master and workers: loadtest/hrnet.py needs the project's client package; the

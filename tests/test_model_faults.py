@@ -87,7 +87,8 @@ def test_python_model_refuses_only_the_non_finite_request_when_batched_with_good
     reference = OnnxRuntimeRunner(w18_offline.onnx)
     for sent, got in zip(good, [results[0], results[2], results[3]]):
         assert isinstance(got, np.ndarray), got
-        np.testing.assert_allclose(got, reference.run(sent), rtol=0, atol=1e-6)
+        # served by OpenVINO FP32: within the float32 floor of its parity gate (docs/cpu-speed.md)
+        np.testing.assert_allclose(got, reference.run(sent), rtol=0, atol=3e-5)
     assert executions < 4, f"{executions} executions for 4 requests: the bad one was not batched with good ones"
 
 

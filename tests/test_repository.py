@@ -72,8 +72,9 @@ def _options(target: Target, **overrides) -> RepositoryOptions:
 
 def test_onnx_config_caps_onnxruntime_threads_only_when_asked():
     w18 = variants.get("HRNet_W18_C")
-    assert "intra_op_thread_count" not in repository.model_config(w18, Target.ONNX).parameters
-    cfg = repository.model_config(w18, Target.ONNX, _options(Target.ONNX, threads=4))
+    onnxruntime = _options(Target.ONNX, runtime="onnxruntime")
+    assert "intra_op_thread_count" not in repository.model_config(w18, Target.ONNX, onnxruntime).parameters
+    cfg = repository.model_config(w18, Target.ONNX, _options(Target.ONNX, threads=4, runtime="onnxruntime"))
     assert cfg.backend == "onnxruntime" and cfg.parameters["intra_op_thread_count"].string_value == "4"
     with pytest.raises(HrnetTritonError, match="threads must be at least 1, got 0"):
         _options(Target.ONNX, threads=0)
@@ -81,13 +82,13 @@ def test_onnx_config_caps_onnxruntime_threads_only_when_asked():
 
 def test_cpu_config_runs_python_backend_with_the_threads_asked_for():
     cfg = repository.model_config(variants.get("HRNet_W18_C"), Target.CPU, _options(Target.CPU, threads=3))
-    assert cfg.backend == "python" and cfg.parameters["onnx_intra_op_threads"].string_value == "3"
+    assert cfg.backend == "python" and cfg.parameters["runtime_threads"].string_value == "3"
 
 
 def test_cpu_default_is_two_single_threaded_instances_taking_whatever_waits():
     cfg = repository.model_config(variants.get("HRNet_W18_C"), Target.CPU)
     assert [(g.count, g.kind) for g in cfg.instance_group] == [(2, pb.ModelInstanceGroup.KIND_CPU)]
-    assert cfg.parameters["onnx_intra_op_threads"].string_value == "1"
+    assert cfg.parameters["runtime_threads"].string_value == "1"
     assert list(cfg.dynamic_batching.preferred_batch_size) == []
     assert cfg.dynamic_batching.max_queue_delay_microseconds == 0
 

@@ -36,6 +36,7 @@ from hrnet_core.contract import (
     triton_parameters,
 )
 from hrnet_core.errors import HrnetTritonError
+from hrnet_core.runtime import CPU_RUNTIMES, ONNXRUNTIME, OPENVINO, require_cpu_precision
 from hrnet_core.variants import Variant
 
 LABELS_FILE = "labels.txt"
@@ -46,6 +47,10 @@ RUNTIME_KINDS = ("tensor", "uint8")
 # hrnet_preprocess's parameters beside the preprocessing contract.
 MAX_PIXELS_PARAMETER = "max_pixels"
 DECODE_THREADS_PARAMETER = "decode_threads"
+# The cpu and onnx targets' runtime (openvino or onnxruntime) and its precision (fp32 or bf16),
+# written into every runtime model's parameters; the cpu target's python model reads them.
+RUNTIME_PARAMETER = "runtime"
+PRECISION_PARAMETER = "precision"
 
 
 class Target(str, enum.Enum):
@@ -75,6 +80,8 @@ class RepositoryOptions:
     instance_kind: InstanceKind
     threads: int | None = None  # runtime threads per instance (cpu and onnx targets)
     cuda_graph_batch_sizes: tuple[int, ...] = ()
+    runtime: str | None = None  # cpu and onnx targets: openvino or onnxruntime (gpu: None, TensorRT)
+    precision: str = "fp32"  # the CPU runtime's precision: fp32, or bf16 with openvino (gpu: the plans')
 
     def __post_init__(self) -> None:
         sizes = (*self.preferred_batch_sizes, *self.cuda_graph_batch_sizes)
@@ -86,6 +93,10 @@ class RepositoryOptions:
         if self.threads is not None and self.threads < 1:
             raise HrnetTritonError(f"threads must be at least 1, got {self.threads}")
         object.__setattr__(self, "instance_kind", InstanceKind(self.instance_kind))
+        if self.runtime is not None:
+            require_cpu_precision(self.runtime, self.precision)
+            if self.runtime == OPENVINO and self.instance_kind is InstanceKind.GPU:
+                raise HrnetTritonError("the openvino runtime serves CPU instances; use --runtime onnxruntime on a GPU")
 
     @classmethod
     def for_target(cls, target: Target) -> RepositoryOptions:
@@ -115,11 +126,15 @@ class RepositoryOptions:
         max_queue_size: int | None = None,
         threads: int | None = None,
         instance_kind: str | None = None,
+        runtime: str | None = None,
+        precision: str | None = None,
     ) -> RepositoryOptions:
         """These options with the given fields changed (None keeps a field); validated again."""
         out = self if max_batch is None else self.with_max_batch(max_batch)
         changes = {"instances": instances, "max_queue_size": max_queue_size, "threads": threads}
-        changes["instance_kind"] = instance_kind
+        changes.update(instance_kind=instance_kind, runtime=runtime, precision=precision)
+        if instance_kind == "gpu" and runtime is None and out.runtime is not None:
+            changes["runtime"] = ONNXRUNTIME  # OpenVINO serves CPU instances only
         return dataclasses.replace(out, **{k: v for k, v in changes.items() if v is not None})
 
 
@@ -130,14 +145,15 @@ _DEFAULTS: dict[Target, RepositoryOptions] = {
     Target.GPU: RepositoryOptions(
         32, (8, 16, 32), 1000, 256, 2_000_000, 2, InstanceKind.GPU, cuda_graph_batch_sizes=(1, 8, 16, 32)
     ),
-    # ONNX Runtime on CPU gains little from big batches; 8 keeps latency bounded.
-    Target.ONNX: RepositoryOptions(16, (4, 8), 2000, 64, 5_000_000, 1, InstanceKind.CPU),
+    # Triton's openvino backend in the NGC image (docs/cpu-speed.md); a CPU gains little from
+    # big batches, and 8 keeps latency bounded.
+    Target.ONNX: RepositoryOptions(16, (4, 8), 2000, 64, 5_000_000, 1, InstanceKind.CPU, runtime=OPENVINO),
     # The embedded default on a 2-core machine: two instances of one ONNX Runtime thread each
     # beat one instance of two threads (HRNet's many small low-resolution ops scale poorly
     # across threads), and no preferred sizes or delay: an instance takes whatever is waiting
     # when it frees up, instead of merging two concurrent requests onto one instance while the
     # other idles (measured in docs/repository.md).
-    Target.CPU: RepositoryOptions(8, (), 0, 32, 5_000_000, 2, InstanceKind.CPU, threads=1),
+    Target.CPU: RepositoryOptions(8, (), 0, 32, 5_000_000, 2, InstanceKind.CPU, threads=1, runtime=OPENVINO),
 }
 
 # hrnet_preprocess, on the CPU whatever the target. Its max_batch_size is raised by the
@@ -193,7 +209,7 @@ def model_config(
     o = options or RepositoryOptions.for_target(target)
     data_type, dims, layout = _runtime_input(kind)
     cfg = pb.ModelConfig(name=model_name(variant.name, kind), max_batch_size=o.max_batch_size)
-    _set_runtime(cfg, target, cc_model_filenames)
+    _set_runtime(cfg, target, o, cc_model_filenames)
     cfg.input.add(name=INPUT_NAME, data_type=data_type, format=layout, dims=dims)
     cfg.output.add(name=OUTPUT_NAME, data_type=pb.TYPE_FP32, dims=[NUM_CLASSES], label_filename=LABELS_FILE)
     _set_batching(cfg, o)
@@ -210,7 +226,7 @@ def model_config(
         warm.inputs[INPUT_NAME].dims.extend(dims)
         # zeros, not random_data: random bytes read as float32 hold NaN and Inf, which the cpu target refuses
         warm.inputs[INPUT_NAME].zero_data = True
-    _set_parameters(cfg, variant.name, kind, preprocess, _thread_parameters(target, o.threads))
+    _set_parameters(cfg, variant.name, kind, preprocess, _runtime_parameters(target, o))
     return cfg
 
 
@@ -266,7 +282,7 @@ def preprocess_config(
     return cfg
 
 
-def _set_runtime(cfg, target: Target, cc_model_filenames: dict[str, str] | None) -> None:
+def _set_runtime(cfg, target: Target, o: RepositoryOptions, cc_model_filenames: dict[str, str] | None) -> None:
     if target is Target.GPU:
         cfg.platform = "tensorrt_plan"
         for cc, filename in sorted((cc_model_filenames or {}).items()):
@@ -276,7 +292,7 @@ def _set_runtime(cfg, target: Target, cc_model_filenames: dict[str, str] | None)
             newest = max(cc_model_filenames, key=lambda cc: tuple(int(x) for x in cc.split(".")))
             cfg.default_model_filename = cc_model_filenames[newest]
     elif target is Target.ONNX:
-        cfg.backend = "onnxruntime"
+        cfg.backend = o.runtime or ONNXRUNTIME  # Triton's openvino or onnxruntime backend
         cfg.default_model_filename = ONNX_FILE
     else:
         cfg.backend = "python"
@@ -294,15 +310,33 @@ def _set_batching(cfg, o: RepositoryOptions) -> None:
     policy.max_queue_size = o.max_queue_size
 
 
-# The parameter each runtime reads its thread count from. Triton's onnxruntime backend reads
-# intra_op_thread_count; without it ONNX Runtime starts a thread per core of the machine, which
-# in a container is the node's cores, not the pod's CPU limit.
-_THREADS_PARAMETER = {Target.CPU: "onnx_intra_op_threads", Target.ONNX: "intra_op_thread_count"}
+# The parameter each runtime reads its thread count from: the cpu target's python model
+# (build/hrnet_build/triton_python_model.py), Triton's onnxruntime backend, Triton's openvino
+# backend. Without it a runtime starts a thread per core of the machine, which in a container is
+# the node's cores, not the pod's CPU limit.
+CPU_THREADS_PARAMETER = "runtime_threads"
+_THREADS_PARAMETER = {
+    (Target.CPU, OPENVINO): CPU_THREADS_PARAMETER,
+    (Target.CPU, ONNXRUNTIME): CPU_THREADS_PARAMETER,
+    (Target.ONNX, ONNXRUNTIME): "intra_op_thread_count",
+    (Target.ONNX, OPENVINO): "INFERENCE_NUM_THREADS",
+}
 
 
-def _thread_parameters(target: Target, threads: int | None) -> dict[str, str]:
-    key = _THREADS_PARAMETER.get(target)
-    return {key: str(threads)} if key and threads is not None else {}
+def _runtime_parameters(target: Target, o: RepositoryOptions) -> dict[str, str]:
+    """The runtime, its precision and threads, as the cpu and onnx targets' parameters."""
+    if target is Target.GPU or o.runtime is None:
+        return {}
+    params = {RUNTIME_PARAMETER: o.runtime, PRECISION_PARAMETER: o.precision}
+    if target is Target.ONNX and o.runtime == OPENVINO:
+        # The openvino backend's own keys: one stream per instance (Triton's instances are the
+        # parallelism), latency-tuned, and BF16 when asked (docs/cpu-speed.md).
+        params.update(NUM_STREAMS="1", PERFORMANCE_HINT="LATENCY")
+        if o.precision == "bf16":
+            params["HINT_BF16"] = "YES"
+    if o.threads is not None:
+        params[_THREADS_PARAMETER[target, o.runtime]] = str(o.threads)
+    return params
 
 
 # -- parser: config.pbtxt -> ModelConfig -> options -----------------------------------------------
@@ -324,7 +358,7 @@ def parse_config(text: str):
 def target_of(cfg) -> Target:
     if cfg.platform == "tensorrt_plan":
         return Target.GPU
-    return Target.ONNX if cfg.backend == "onnxruntime" else Target.CPU
+    return Target.ONNX if cfg.backend in CPU_RUNTIMES else Target.CPU
 
 
 def options_from_config(cfg) -> RepositoryOptions:
@@ -333,9 +367,10 @@ def options_from_config(cfg) -> RepositoryOptions:
     pb = _pb()
     if not cfg.instance_group:
         raise HrnetTritonError(f"{cfg.name} has no instances to read options from (an ensemble?)")
-    db, group = cfg.dynamic_batching, cfg.instance_group[0]
-    key = DECODE_THREADS_PARAMETER if cfg.name == PREPROCESS_MODEL else _THREADS_PARAMETER.get(target_of(cfg), "")
-    threads = triton_parameters(cfg).get(key)
+    db, group, params, target = cfg.dynamic_batching, cfg.instance_group[0], triton_parameters(cfg), target_of(cfg)
+    runtime = None if target is Target.GPU or cfg.name == PREPROCESS_MODEL else params.get(RUNTIME_PARAMETER)
+    key = DECODE_THREADS_PARAMETER if cfg.name == PREPROCESS_MODEL else _THREADS_PARAMETER.get((target, runtime), "")
+    threads = params.get(key)
     return RepositoryOptions(
         max_batch_size=cfg.max_batch_size,
         preferred_batch_sizes=tuple(db.preferred_batch_size),
@@ -346,4 +381,6 @@ def options_from_config(cfg) -> RepositoryOptions:
         instance_kind=InstanceKind.GPU if group.kind == pb.ModelInstanceGroup.KIND_GPU else InstanceKind.CPU,
         threads=int(threads) if threads else None,
         cuda_graph_batch_sizes=tuple(g.batch_size for g in cfg.optimization.cuda.graph_spec),
+        runtime=runtime,
+        precision=params.get(PRECISION_PARAMETER, "fp32") if runtime else "fp32",
     )

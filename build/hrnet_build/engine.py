@@ -30,8 +30,7 @@ from hrnet_core import atomic, release
 from hrnet_core.contract import INPUT_NAME, OUTPUT_NAME, model_name
 from hrnet_core.errors import EngineError, ManifestError
 from hrnet_core.manifest import PlanManifest, Profile, manifest_path
-from hrnet_core.parity import ParityLimits, ParityReport, compare
-from hrnet_core.preprocess import load_crop, preprocess_files
+from hrnet_core.parity import ParityLimits, ParityReport, compare, parity_batch
 from hrnet_core.runtime import OnnxRuntimeRunner
 from hrnet_core.samples import sample_images
 from hrnet_core.variants import Variant
@@ -319,14 +318,6 @@ def engine(
     manifest.write(out)
     log.info("%s: %s plan for %s (cc %s) written to %s", variant.name, precision.value, device.name, device.cc, out)
     return EngineResult(out, manifest, built=True, reason=reason or "rebuilt on request")
-
-
-def parity_batch(photos: Sequence[Path], input_kind: str) -> np.ndarray:
-    """The plan's parity input: the float32 NCHW tensors, or the uint8 NHWC crops for a uint8 model
-    (its reference is ONNX Runtime on the same uint8 ONNX, fed the same crops)."""
-    if input_kind == "uint8":
-        return np.stack([load_crop(p) for p in photos])
-    return preprocess_files(photos)
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,10 @@ from hrnet_core.contract import INPUT_KINDS, MAX_PIXELS, PREPROCESS_MODEL, model
 from hrnet_core.errors import EngineError, HrnetTritonError
 from hrnet_core.labels import imagenet_labels
 from hrnet_core.manifest import PlanManifest, manifest_path
+from hrnet_core.runtime import OPENVINO
 from hrnet_core.variants import Variant
 
+from . import cpu_gate
 from .config import (
     LABELS_FILE,
     ONNX_FILE,
@@ -157,16 +159,19 @@ def write_model(
     plans_dir: Path | None = None,
     fit_to_plans: bool = True,
     precision: str = "fp16",
+    gate: bool = True,
 ) -> Path:
     """Write one model directory (config, labels, and its version directory) under ``out``.
 
     For the gpu target, ``max_batch_size`` may not exceed the plans' optimisation profile: with
     ``fit_to_plans`` (when the user did not choose a max batch) it is lowered to the profile's.
+    With the openvino runtime, the model is first gated against ONNX Runtime at the options'
+    precision (:mod:`hrnet_build.cpu_gate`); ``gate=False`` skips that and says so in the config.
     """
-    return _write_model(variant, target, out, options, kind, onnx, plans_dir, fit_to_plans, precision)[0]
+    return _write_model(variant, target, out, options, kind, onnx, plans_dir, fit_to_plans, precision, gate)[0]
 
 
-def _write_model(variant, target, out, options, kind, onnx, plans_dir, fit_to_plans, precision):
+def _write_model(variant, target, out, options, kind, onnx, plans_dir, fit_to_plans, precision, gate=True):
     """:func:`write_model`, also returning the ``ModelConfig`` it wrote."""
     options = options or RepositoryOptions.for_target(target)
     name = model_name(variant.name, kind)
@@ -182,6 +187,8 @@ def _write_model(variant, target, out, options, kind, onnx, plans_dir, fit_to_pl
         raise HrnetTritonError(f"{onnx}: no such ONNX model; create it with `hrnet-triton export {variant.name}`")
     cc_files = {cc: installed_plan_name(cc) for cc in plans}
     cfg = model_config(variant, target, options, kind=kind, cc_model_filenames=cc_files or None)
+    if options.runtime == OPENVINO and onnx is not None:
+        cfg.parameters[cpu_gate.PARITY_PARAMETER].string_value = _gated(onnx, options, kind, gate)
     model_dir = out / name
     atomic.write_text(model_dir / "config.pbtxt", config_text(cfg))
     _write_labels(model_dir)
@@ -195,6 +202,16 @@ def _write_model(variant, target, out, options, kind, onnx, plans_dir, fit_to_pl
         with atomic.atomic_path(version / ONNX_FILE, ".onnx") as tmp:
             shutil.copyfile(onnx, tmp)
     return model_dir, cfg
+
+
+def _gated(onnx: Path, options: RepositoryOptions, kind: str, gate: bool) -> str:
+    """Gate ``onnx`` under OpenVINO at ``options.precision`` (raising if it fails); the line for the config."""
+    if not gate:
+        log.warning("%s: OpenVINO %s NOT gated against ONNX Runtime (gate=False)", onnx.name, options.precision)
+        return f"not checked: OpenVINO {options.precision} written without its parity gate"
+    report = cpu_gate.gate(onnx, options.precision, input_kind=kind, threads=options.threads or 0)
+    log.info("%s: %s", onnx.name, report.summary())
+    return report.summary()
 
 
 def _write_labels(model_dir: Path) -> None:
@@ -250,12 +267,13 @@ def write_repository(
     preprocess_options: RepositoryOptions | None = None,
     max_pixels: int = MAX_PIXELS,
     kinds: Sequence[str] = INPUT_KINDS,
+    gate: bool = True,
 ) -> list[Path]:
     """Write a repository for ``variants``, each as ``<V>``, ``<V>_uint8`` and ``<V>_image`` (of these,
     the ``kinds`` asked for), and ``hrnet_preprocess`` for the ensembles. ONNX models are taken from
     ``onnx_dir/<name>.onnx``, plans (gpu target) from ``plans_dir`` (any ``*.plan`` with its
     ``*.plan.json`` manifest). ``preprocess_options`` (default ``RepositoryOptions.for_preprocess``)
-    get the largest ``max_batch_size`` of the models it feeds."""
+    get the largest ``max_batch_size`` of the models it feeds. ``gate``: see :func:`write_model`."""
     target, out, wanted = Target(target), Path(out), set(kinds)
     if not wanted or wanted - set(INPUT_KINDS) or ("image" in wanted and "tensor" not in wanted):
         raise HrnetTritonError(
@@ -266,7 +284,7 @@ def write_repository(
     for v in variants:
         for kind in (k for k in _runtime_kinds(v, target, onnx_dir, plans_dir, precision) if k in wanted):
             onnx = onnx_dir / f"{model_name(v.name, kind)}.onnx" if onnx_dir is not None else None
-            model_dir, cfg = _write_model(v, target, out, options, kind, onnx, plans_dir, fit_to_plans, precision)
+            model_dir, cfg = _write_model(v, target, out, options, kind, onnx, plans_dir, fit_to_plans, precision, gate)
             written.append(model_dir)
             if kind == "tensor" and "image" in wanted:
                 written.append(write_ensemble(v, out, cfg.max_batch_size))

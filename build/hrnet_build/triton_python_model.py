@@ -1,12 +1,16 @@
-"""Triton ``python``-backend model: an exported HRNet run by ONNX Runtime (the ``cpu`` target).
+"""Triton ``python``-backend model: an exported HRNet run by OpenVINO or ONNX Runtime (the ``cpu`` target).
 
 `hrnet-triton repo --target cpu` copies this file to ``<model>/1/model.py`` beside
 ``model.onnx``: the float32 model of ``<variant>`` and the uint8 one of ``<variant>_uint8``
 (docs/inputs.md); it serves whichever input type its ONNX model takes. It runs inside Triton's
 Python backend stub, in the environment whose ``bin/`` is first on ``PATH`` when the server
-starts, and imports nothing from this project.
+starts (``.venv-serve``, where the project is installed), and runs the model through
+``hrnet_core.runtime.cpu_runner``: the very runner the build's gates and the benchmarks use.
+The config's parameters name the runtime (``runtime``: openvino or onnxruntime), its
+``precision`` (fp32, or bf16 with OpenVINO on a CPU with native BF16) and ``runtime_threads``
+(docs/cpu-speed.md). Each instance compiles the model once, when it loads.
 
-Every dynamic batch Triton forms is run as one ONNX Runtime call; the outputs are split back
+Every dynamic batch Triton forms is run as one runtime call; the outputs are split back
 per request. A request whose float input holds NaN or ±Inf is answered with its own error
 (INVALID_ARG, HTTP 400) and left out of that call (uint8 pixels are always finite), so the
 other requests of its batch still get their probabilities, in order.
@@ -32,7 +36,8 @@ class TritonPythonModel:
                 "stub of this release returns empty outputs with numpy 2. Start the server from an "
                 "environment with numpy<2 (`make serve-env` creates .venv-serve)."
             )
-        import onnxruntime as ort
+        from hrnet_core.errors import HrnetTritonError
+        from hrnet_core.runtime import ONNXRUNTIME, cpu_runner
 
         config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
@@ -41,10 +46,14 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(
                 f"{path} is missing; write the repository with `hrnet-triton repo --target cpu --onnx-dir DIR`"
             )
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(params.get("onnx_intra_op_threads", "0") or 0)
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.runtime = params.get("runtime") or ONNXRUNTIME  # repositories written before OpenVINO
+        precision = params.get("precision") or "fp32"
+        try:
+            self.runner = cpu_runner(
+                path, self.runtime, threads=int(params.get("runtime_threads") or 0), precision=precision
+            )
+        except HrnetTritonError as err:  # e.g. bf16 asked on a CPU without native BF16
+            raise pb_utils.TritonModelException(f"{args['model_name']}: {err}") from err
 
     def execute(self, requests):
         arrays = [pb_utils.get_input_tensor_by_name(r, INPUT).as_numpy() for r in requests]
@@ -60,9 +69,9 @@ class TritonPythonModel:
             return responses
         batch = np.concatenate([arrays[i] for i in good]) if len(good) > 1 else arrays[good[0]]
         try:
-            probs = self.session.run([OUTPUT], {INPUT: batch})[0]
+            probs = self.runner.run(batch)
         except Exception as err:  # report to every caller instead of failing the model
-            error = pb_utils.TritonError(f"ONNX Runtime failed on a batch of {len(batch)}: {err}")
+            error = pb_utils.TritonError(f"{self.runner.name} failed on a batch of {len(batch)}: {err}")
             for i in good:
                 responses[i] = pb_utils.InferenceResponse(error=error)
             return responses

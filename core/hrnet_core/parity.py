@@ -7,6 +7,7 @@ to :func:`compare`, which measures the figures every gate reports and names the 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import numpy as np
 from hrnet_core.contract import NUM_CLASSES
 from hrnet_core.errors import ParityError
 from hrnet_core.labels import top_k
+from hrnet_core.preprocess import load_crop, preprocess_files
 
 TOP_K = 5
 
@@ -109,3 +111,11 @@ def compare(
         limits=limits,
         failing_images=failing,
     )
+
+
+def parity_batch(photos: Sequence[str | os.PathLike[str]], input_kind: str) -> np.ndarray:
+    """A gate's input: the photographs as float32 NCHW tensors, or as the uint8 NHWC crops for a
+    model of the uint8 kind (its reference is ONNX Runtime on the same uint8 ONNX, fed the same crops)."""
+    if input_kind == "uint8":
+        return np.stack([load_crop(p) for p in photos])
+    return preprocess_files(photos)

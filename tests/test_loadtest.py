@@ -276,8 +276,9 @@ def test_bench_sweeps_with_locust_and_splits_server_time(cpu_server, tmp_path, c
             "4",
             "--out",
             str(out),
-            "--admin-key",
-            cpu_server.admin_key,  # statistics are an admin API
+            f"--admin-key={cpu_server.admin_key}",  # statistics are an admin API; "=": a key may start with "-"
+            "--tools",
+            "locust",  # perf_analyzer's side: tests/test_bench.py
         ]
     )
     assert code == 0
@@ -478,3 +479,65 @@ def test_every_grpc_channel_of_a_run_is_closed_exactly_once(cpu_server, tmp_path
     assert run.returncode == 0, run.stderr[-3000:]
     closes = next(line for line in run.stderr.splitlines() if line.startswith("channel closes:"))
     assert closes == "channel closes: [1, 1, 1]", closes  # the setup's client and one per user
+
+
+def _tiny_trivial_args(cpu_server, tmp_path, seconds: str = "3s") -> list[str]:
+    """A short headless run of the trivial model with 1x1-pixel tensors (the harness's own speed)."""
+    args = ["--host", cpu_server.http_url, "--grpc-port", str(cpu_server.ports.grpc), "--model", "trivial"]
+    return args + ["--payload", "tiny", "--headless", "-u", "2", "-r", "2", "-t", seconds, "--csv", str(tmp_path / "c")]
+
+
+@pytest.mark.parametrize(
+    "extra,types",
+    [(["HrnetGrpcUser"], {"GRPC"}), (["--protocol", "both"], {"HTTP", "GRPC"}), ([], {"HTTP"})],
+    ids=["class-named", "protocol-both", "default"],
+)
+def test_the_user_classes_follow_the_command_line_then_protocol(cpu_server, tmp_path, extra, types, run_locust):
+    """A User class named on the command line runs (whatever --protocol says); else --protocol picks."""
+    run = run_locust([*_tiny_trivial_args(cpu_server, tmp_path), *extra], tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(tmp_path / "c_stats.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["Name"] == "trivial"]
+    assert {r["Type"] for r in rows} == types and all(int(r["Failure Count"]) == 0 for r in rows), rows
+
+
+def test_open_loop_sends_the_target_rate_not_as_fast_as_answered(cpu_server, tmp_path, run_locust, aggregated):
+    """--target-rps 20 for 6 s: about 120 requests. The closed loop sends this trivial model over a
+    thousand a second here (docs/loadtest.md), so a count within twice the target shows the pacing
+    is engaged; the rate itself is not asserted."""
+    run = run_locust([*_tiny_trivial_args(cpu_server, tmp_path, "6s"), "--target-rps", "20"], tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    count = int(aggregated(tmp_path / "c")["Request Count"])
+    assert 10 <= count <= 2 * 20 * 6, count
+    assert "requests/s (open loop, target 20)" in run.stderr
+
+
+def test_the_root_locust_conf_is_read_when_locust_runs_there(cpu_server, tmp_path, aggregated):
+    """From the repository's root, Locust reads ./locust.conf: the locustfile and -u come from it."""
+    import os
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCUST_")}
+    args = ["--host", cpu_server.http_url, "--model", "trivial", "--payload", "tiny", "--headless", "-t", "3s"]
+    run = subprocess.run(
+        [sys.executable, "-m", "locust", *args, "--csv", str(tmp_path / "conf")],
+        cwd=root, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Shape test updating to 2 users" in run.stderr  # users = 2 in locust.conf
+    assert int(aggregated(tmp_path / "conf")["Request Count"]) > 0
+
+
+def test_locust_help_shows_no_locustfile_option_and_the_file_lists_its_own(tmp_path, locust_command):
+    """Locust prints --help before it loads the locustfile; `python loadtest/hrnet.py` prints the
+    options the web UI shows, each with its help."""
+    import sys
+
+    help_ = subprocess.run([*locust_command, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert help_.returncode == 0 and "--class-picker" in help_.stdout and "--batch-size" not in help_.stdout
+    own = subprocess.run([sys.executable, locust_command[-1]], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert own.returncode == 0, own.stderr[-3000:]
+    for flag in ("--model", "--protocol {http,grpc,both}", "--batch-size", "--target-rps", "--max-failure-ratio"):
+        assert flag in own.stdout, flag
+    assert "[env var: LOCUST_BATCH_SIZE]" in own.stdout

@@ -55,6 +55,10 @@ CUSTOM_RESOURCES = {
         "monitoring.coreos.com/v1",
         "ServiceMonitor",
     ): "test_servicemonitor_validates_against_the_prometheus_operator_schema",
+    (
+        "monitoring.coreos.com/v1",
+        "PrometheusRule",
+    ): "test_k8s_ops.py::test_prometheusrule_validates_against_the_operator_schema",
 }
 SCHEMAS_DIR = ROOT / ".cache" / "k8s-schemas"  # `make k8s-schemas`: the prometheus-operator models from npm
 PROJECT_VERSION = installed_version("hrnet-triton")
@@ -139,6 +143,7 @@ EXPECTED_KINDS = {
         "PodDisruptionBudget",
         "NetworkPolicy",
         "ServiceMonitor",
+        "PrometheusRule",
     },
     "overlays/gpu-s3": {
         "Namespace",
@@ -150,6 +155,7 @@ EXPECTED_KINDS = {
         "PodDisruptionBudget",
         "NetworkPolicy",
         "ServiceMonitor",
+        "PrometheusRule",
     },
     "overlays/cpu": {
         "Namespace",
@@ -162,6 +168,7 @@ EXPECTED_KINDS = {
         "PodDisruptionBudget",
         "NetworkPolicy",
         "ServiceMonitor",
+        "PrometheusRule",
     },
     "loadtest": {"ConfigMap", "Service", "Deployment", "NetworkPolicy"},
     "tools": {"Pod"},

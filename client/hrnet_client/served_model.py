@@ -76,14 +76,22 @@ class InferenceError(HrnetTritonError):
 _OVERLOAD_MARKERS = ("exceeds maximum queue size", "request timeout expired")
 
 
+# gRPC target names that resolve to several servers (gRPC's naming doc): dns:///host:port (every
+# address of a headless Service), ipv4:a:port,b:port, ipv6:[a]:port,[b]:port.
+GRPC_RESOLVER_SCHEMES = ("dns:", "ipv4:", "ipv6:")
+
+
 def address(url: str, protocol: Protocol | str, grpc_port: int | None = None) -> str:
     """``host:port`` for ``protocol`` from ``url``: ``http://host:8000``, ``host:8001`` or ``grpc://host:8001``.
+    A gRPC target name (``dns:``, ``ipv4:``, ``ipv6:``) is returned as it is.
 
     Without a port the protocol's default is used (8000/8001). ``grpc_port`` takes the gRPC port
     when ``url`` is the server's HTTP address (as Locust's ``--host`` is), unless the URL's scheme
     is ``grpc://``.
     """
     protocol = Protocol(protocol)
+    if protocol is Protocol.GRPC and url.startswith(GRPC_RESOLVER_SCHEMES):
+        return url  # a gRPC target name, e.g. dns:///triton-grpc.hrnet-triton:8001, for the channel as written
     parts = urlsplit(url if "//" in url else f"//{url}")
     try:
         port = parts.port
@@ -110,12 +118,33 @@ class ServedModel:
     input: ModelInput = ModelInput("tensor", "x", "FP32", (3, 224, 224))
 
 
-def new_client(addr: str, protocol: Protocol, timeout_s: float = 60.0):
-    """A tritonclient for ``addr``; HTTP clients must stay on the thread that made them."""
+def new_client(addr: str, protocol: Protocol, timeout_s: float = 60.0, round_robin: bool = False):
+    """A tritonclient for ``addr``; HTTP clients must stay on the thread that made them.
+
+    ``round_robin`` (gRPC only) sends each request to the next of the servers ``addr`` resolves to
+    (gRPC's client-side ``round_robin`` policy), not all to the first: with a headless Service's
+    ``dns:///`` name, requests spread over the pods. tritonclient's own channel options are kept.
+    """
     tc = protocol.module()
     if protocol is Protocol.HTTP:
+        if round_robin:
+            raise HrnetTritonError("round-robin balancing is gRPC's (--protocol grpc); HTTP balances per connection")
         return tc.InferenceServerClient(addr, connection_timeout=timeout_s, network_timeout=timeout_s)
-    return tc.InferenceServerClient(addr)
+    if not round_robin:
+        return tc.InferenceServerClient(addr)
+    keepalive = tc.KeepAliveOptions()
+    return tc.InferenceServerClient(
+        addr,
+        channel_args=[
+            ("grpc.max_send_message_length", tc.MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.max_receive_message_length", tc.MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+            ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+            ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+            ("grpc.lb_policy_name", "round_robin"),
+        ],
+    )
 
 
 def admin_key(key: str | None = None) -> str | None:

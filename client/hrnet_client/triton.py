@@ -15,6 +15,10 @@ with its own connection and, with ``shared_memory=True``, its own pair of shared
 (:mod:`hrnet_client.shared_memory`; tensor and uint8 inputs only), registered with the server
 with its admin key (``admin_key``, default ``$HRNET_TRITON_ADMIN_KEY``). A lane rides out a
 short outage or an overload, retrying with backoff for up to ``retry_s`` seconds.
+
+With ``grpc_round_robin=True`` (gRPC), each lane's channel sends its requests in turn to every
+server its target resolves to: ``dns:///triton-grpc.hrnet-triton:8001`` (the headless Service of
+k8s/components/grpc-round-robin) or ``ipv4:10.0.0.1:8001,10.0.0.2:8001`` (docs/client.md).
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ class TritonClassifier(Classifier):
         timeout_s: float = 60.0,
         retry_s: float = RETRY_S,
         admin_key: str | None = None,
+        grpc_round_robin: bool = False,
     ):
         if concurrency < 1:
             raise HrnetTritonError(f"concurrency must be at least 1, got {concurrency}")
@@ -86,6 +91,11 @@ class TritonClassifier(Classifier):
         self.name = f"Triton {self.protocol.value.upper()}"
         self.concurrency, self.server_top_k, self.timeout_s = concurrency, server_top_k, timeout_s
         self.retry_s, self.shared_memory = retry_s, shared_memory
+        if grpc_round_robin and shared_memory:
+            raise HrnetTritonError(
+                "--shared-memory is registered with one server; it cannot go with --grpc-round-robin"
+            )
+        self.round_robin = grpc_round_robin
         self._admin_key = resolve_admin_key(admin_key)
         self._tc = self.protocol.module()
         self._outage = Outage()
@@ -114,7 +124,7 @@ class TritonClassifier(Classifier):
             raise
 
     def _new_client(self):
-        return new_client(self.address, self.protocol, self.timeout_s)
+        return new_client(self.address, self.protocol, self.timeout_s, round_robin=self.round_robin)
 
     def _loader(self, max_pixels: int = MAX_PIXELS, max_bytes: int | None = None):
         return self.input.loader(self.cfg, max_pixels, max_bytes)

@@ -70,8 +70,12 @@ echo "== 4. classify and bench"
 "$venv/hrnet-triton" classify --samples --url "127.0.0.1:$http_port" --model "$model" --top-k 3
 "$venv/hrnet-triton" classify --samples --url "127.0.0.1:$grpc_port" --protocol grpc --model "$model" --top-k 3 \
   >/dev/null
+# perf_analyzer beside Locust when the tools environment starts here (docs/bench.md), else Locust alone
+make -C "$repo" tools-env >/dev/null || echo "gpu_first_run.sh: no tools environment; bench runs Locust alone" >&2
+tools=$("$venv/python" -c 'from hrnet_triton.tools import find_tools; find_tools()' 2>/dev/null \
+  && echo perf_analyzer,locust || echo locust)
 "$venv/hrnet-triton" bench --url "http://127.0.0.1:$http_port" --model "$model" --batch-sizes 1,8,32 \
-  --concurrency 1,4,16 --seconds 10 --out "$work/bench"
+  --concurrency 1,4,16 --seconds 10 --tools "$tools" --request-rates none --out "$work/bench"
 
 echo "== 5. report"
 "$venv/python" -m hrnet_triton.gpu_check --url "127.0.0.1:$http_port" --grpc-port "$grpc_port" --model "$model" \

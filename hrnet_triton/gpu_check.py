@@ -80,13 +80,15 @@ def served_checks(url: str, grpc_port: int, model: str, onnx: Path, precision: P
 def bench_summary(csv_path: Path | None) -> list[str]:
     if csv_path is None or not csv_path.is_file():
         return ["throughput: not measured (no --bench CSV)"]
-    with open(csv_path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    with open(csv_path, newline="") as fh:  # closed-loop rows that were measured (bench.md: a row per tool and point)
+        rows = [r for r in csv.DictReader(fh) if r["images_per_s"] and r.get("mode", "concurrency") == "concurrency"]
+    if not rows:
+        return [f"throughput: no measured point in {csv_path}"]
     best = max(rows, key=lambda r: float(r["images_per_s"]))
     return [
         f"throughput: best {float(best['images_per_s']):.1f} images/s at batch {best['batch_size']}, concurrency "
-        f"{best['concurrency']}; p99 there {float(best['p99_ms']):.1f} ms; failures "
-        f"{sum(int(r['failures']) for r in rows)} of {sum(int(r['requests']) for r in rows)} requests"
+        f"{best['concurrency']} ({best.get('tool', 'locust')}); p99 there {float(best['p99_ms']):.1f} ms; failures "
+        f"{sum(int(r['failures'] or 0) for r in rows)} of {sum(int(r['requests'] or 0) for r in rows)} requests"
     ]
 
 

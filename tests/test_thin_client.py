@@ -194,6 +194,7 @@ def test_classify_and_preprocess_commands_take_the_input(cpu_server, tmp_path, c
 def test_bench_sweeps_the_inputs_each_point_labelled(cpu_server, tmp_path, capsys):
     out = tmp_path / "bench"
     argv = ["bench", "--url", cpu_server.http_url, "--model", W18, "--inputs", "uint8,image", "--batch-sizes", "1"]
+    argv += ["--tools", "locust"]  # perf_analyzer's side: tests/test_bench.py
     code = main([*argv, "--concurrency", "1", "--seconds", "3", "--out", str(out), "--admin-key", cpu_server.admin_key])
     assert code == 0
     with open(out / "bench.csv") as fh:

@@ -1,0 +1,349 @@
+"""``hrnet-triton tune``: NVIDIA's Model Analyzer searches a model's serving config; the winner is written back.
+
+1. The base repository: the variant's ``tensor`` model through the repository writer, with the
+   target's options fitted to the smallest max batch of the search (so its warm-ups, preferred and
+   CUDA-graph batch sizes hold for every variant Model Analyzer derives; ``tune_config.base_options``).
+2. Model Analyzer 1.58 ``profile``, from the tools environment (``make tools-env``): a brute-force
+   manual search over instance count × max batch × dynamic batching's queue delay, each config
+   measured by perf_analyzer at each concurrency; objective ``perf_throughput`` under the
+   constraint ``perf_latency_p95 <= --slo-ms``. Local launch mode: one fresh server per config,
+   started through :mod:`hrnet_triton.tune_launch` (docs/tune.md says why not remote mode).
+3. The winner: the measurement of highest throughput among those Model Analyzer marks as
+   satisfying the constraint. Its config (from Model Analyzer's output repository) is parsed back
+   into :class:`RepositoryOptions` (``options_from_config``); the searched fields become overrides
+   of the target's defaults, and ``write_repository`` writes the repository to ``--out``.
+4. ``--out`` and the report directory (Model Analyzer's CSVs, HTML reports, its config, the
+   logs and ``winner.json``) are each written to a temporary sibling and moved into place.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from hrnet_build.config import RepositoryOptions, Target, options_from_config, parse_config
+from hrnet_build.repository import write_repository
+from hrnet_core import atomic
+from hrnet_core.contract import INPUT_KINDS, model_name
+from hrnet_core.errors import HrnetTritonError
+from hrnet_core.variants import Variant
+
+from .tools import Tools
+from .tune_config import AnalyzerRun, Endpoints, Measuring, SearchSpace, analyzer_config, base_options, config_text
+
+log = logging.getLogger(__name__)
+
+INFERENCE_CSV = "metrics-model-inference.csv"
+# Restricted on the servers Model Analyzer starts; it and perf_analyzer need model-repository (load/unload) and
+# statistics open, and send no admin header. The servers listen on 127.0.0.1 only, for the run.
+TUNE_RESTRICTED_APIS = ("shared-memory", "trace", "logging")
+# The NGC container's server, for --target gpu (the wheel's tritonserver has no TensorRT backend).
+NGC_TRITONSERVER = Path("/opt/tritonserver/bin/tritonserver")
+
+
+class TuneError(HrnetTritonError):
+    """Model Analyzer failed, or found no config within the SLO."""
+
+
+@dataclass(frozen=True)
+class Winner:
+    """The chosen measurement: Model Analyzer's CSV row and the options it becomes."""
+
+    variant_name: str  # Model Analyzer's name for the config, e.g. HRNet_W18_C_config_3
+    row: dict[str, str]
+    options: RepositoryOptions
+
+    def summary(self) -> dict:
+        o = self.options
+        return {
+            "model_analyzer_config": self.variant_name,
+            "instances": o.instances,
+            "max_batch_size": o.max_batch_size,
+            "max_queue_delay_us": o.max_queue_delay_us,
+            "measured": self.row,
+        }
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    winner: Winner | None  # None with config_only
+    written: list[Path]
+    report: Path
+
+
+@dataclass(frozen=True)
+class TuneRequest:
+    """What ``tune`` searches and where it writes."""
+
+    variant: Variant
+    target: Target
+    slo_ms: float
+    out: Path  # the repository to write the winner to (replaced as a whole)
+    report: Path  # Model Analyzer's report and the run's files
+    onnx_dir: Path | None = None
+    plans_dir: Path | None = None
+    space: SearchSpace | None = None
+    measuring: Measuring = Measuring()
+    base: RepositoryOptions | None = None  # default: the target's
+    kinds: Sequence[str] = INPUT_KINDS
+    serve_env: Path | None = None  # cpu/onnx: the python backend's environment
+    server_binary: Path | None = None  # gpu/onnx: a full tritonserver install (default: the NGC container's)
+    config_only: bool = False
+    gpu_memory_mb: float | None = None  # gpu target: Model Analyzer's gpu_used_memory constraint
+    resume: Path | None = None  # an earlier report of the same search: its measurements are reused
+
+    @property
+    def search(self) -> SearchSpace:
+        return self.space or SearchSpace.for_target(self.target)
+
+
+def run_from_args(args) -> TuneResult:
+    """``hrnet-triton tune``'s options -> :func:`tune`."""
+    from hrnet_core import variants
+
+    from .tools import Tools, default_tools_env, find_tools
+    from .tune_options import endpoints, measuring, search_space
+
+    target = Target(args.target)
+    request = TuneRequest(
+        variant=variants.get(args.variant),
+        target=target,
+        slo_ms=args.slo_ms,
+        out=args.out,
+        report=args.report,
+        onnx_dir=args.onnx_dir,
+        plans_dir=args.plans_dir,
+        space=search_space(args, SearchSpace.for_target(target)),
+        measuring=measuring(args),
+        kinds=args.inputs,
+        serve_env=args.serve_env,
+        server_binary=args.triton_server,
+        config_only=args.config_only,
+        gpu_memory_mb=args.gpu_memory_mb,
+        resume=args.resume,
+    )
+    # --config-only writes the config for another machine: this one need not have the tools
+    tools = Tools(args.tools_env or default_tools_env()) if args.config_only else find_tools(args.tools_env)
+    ports = args.ports or (resumed_ports(args.resume) if args.resume else None)
+    return tune(request, tools, endpoints(ports))
+
+
+def resumed_ports(report: Path) -> tuple[int, int, int]:
+    """The earlier run's ports: Model Analyzer's checkpoint keys hold the metrics URL, so a resumed run must match."""
+    try:
+        cfg = json.loads((report / "model_analyzer.yaml").read_text())
+        http, grpc = (int(cfg[f"triton_{k}_endpoint"].rsplit(":", 1)[1]) for k in ("http", "grpc"))
+        metrics = int(cfg["triton_metrics_url"].rsplit(":", 1)[1].split("/")[0])
+    except (OSError, ValueError, KeyError) as err:
+        raise TuneError(f"{report}/model_analyzer.yaml cannot be read ({err}); name a --report of tune") from err
+    return http, grpc, metrics
+
+
+def tune(request: TuneRequest, tools: Tools, endpoints: Endpoints) -> TuneResult:
+    """Run Model Analyzer's search for ``request`` and write its winner; see the module docstring."""
+    r = request
+    if r.target is Target.GPU and r.plans_dir is None and not r.config_only:
+        raise TuneError("--target gpu needs --plans-dir (the plans `hrnet-triton engine` built)")
+    if r.target is not Target.GPU and r.onnx_dir is None:
+        raise TuneError(f"--target {r.target.value} needs --onnx-dir (the exported {r.variant.name}.onnx)")
+    if r.config_only:  # the config names the report directory, where everything it needs is kept
+        with atomic.atomic_path(r.report) as tmp:
+            tmp.mkdir()
+            _prepare(r, tools, endpoints, tmp, named=r.report)
+        return TuneResult(None, [], r.report)
+    with tempfile.TemporaryDirectory(prefix="hrnet-tune-") as tmp:
+        work = Path(tmp)
+        run = _prepare(r, tools, endpoints, work)
+        _resume(r, work)
+        try:
+            _run_model_analyzer(tools, work)
+            winner = choose_winner(work / "report" / "results" / INFERENCE_CSV, work / "output_model_repository", r)
+        except TuneError as err:
+            _keep_report(work, run, r.report, None)
+            raise TuneError(f"{err}\n(Model Analyzer's files and logs are kept in {r.report})") from err
+        written = _write_winner(r, winner)
+        return TuneResult(winner, written, _keep_report(work, run, r.report, winner))
+
+
+def _prepare(r: TuneRequest, tools: Tools, endpoints: Endpoints, work: Path, named: Path | None = None) -> AnalyzerRun:
+    """The base repository, the launcher and Model Analyzer's config, under ``work``; the config names
+    ``named`` (default ``work``) as their directory."""
+    named = named or work
+    _check_plans(r)
+    repository = work / "repository"
+    write_repository(
+        r.target,
+        [r.variant],
+        repository,
+        base_options(r.target, r.search, r.base),
+        onnx_dir=r.onnx_dir,
+        plans_dir=r.plans_dir,
+        kinds=("tensor",),
+    )
+    launcher, flags = _server(r, work, endpoints)
+    run = AnalyzerRun(
+        model=model_name(r.variant.name, "tensor"),
+        target=r.target,
+        slo_ms=r.slo_ms,
+        repository=named / "repository",
+        work=named,
+        report=named / "report",
+        launcher=named / launcher.name if launcher.parent == work else launcher,
+        perf_analyzer=tools.perf_analyzer if tools.perf_analyzer.exists() else Path("perf_analyzer"),
+        endpoints=endpoints,
+        server_flags=flags,
+        measuring=r.measuring,
+        gpu_memory_mb=r.gpu_memory_mb,
+    )
+    atomic.write_text(work / "model_analyzer.yaml", config_text(analyzer_config(run, r.search)))
+    return run
+
+
+def _resume(r: TuneRequest, work: Path) -> None:
+    """Start from an earlier run's checkpoint: Model Analyzer skips every config × concurrency it has measured
+    (on the same ports: :func:`resumed_ports`)."""
+    if r.resume is None:
+        return
+    saved = sorted((r.resume / "checkpoints").glob("*.ckpt"), key=lambda p: int(p.stem) if p.stem.isdigit() else -1)
+    if not saved:
+        raise TuneError(f"{r.resume} holds no Model Analyzer checkpoint (checkpoints/*.ckpt); name a --report of tune")
+    (work / "checkpoints").mkdir(exist_ok=True)
+    shutil.copy2(saved[-1], work / "checkpoints" / "0.ckpt")  # the newest; Model Analyzer loads the highest number
+
+
+def _check_plans(r: TuneRequest) -> None:
+    """gpu target: every searched max batch must fit the plans' optimisation profile, or its variant cannot load."""
+    if r.target is not Target.GPU or r.plans_dir is None:
+        return
+    from hrnet_build.repository import collect_plans
+
+    plans = collect_plans(r.plans_dir, r.variant)
+    profile_max = min((m.profile.max for _, m in plans.values()), default=None)
+    if profile_max is not None and max(r.search.max_batch_sizes) > profile_max:
+        raise TuneError(
+            f"the search's max batches {r.search.max_batch_sizes} exceed the {r.variant.name} plans' profile (max "
+            f"{profile_max}); pass --max-batch values <= {profile_max}, or rebuild them with `engine --max-batch`"
+        )
+
+
+def _server(r: TuneRequest, work: Path, endpoints: Endpoints) -> tuple[Path, dict[str, str]]:
+    """The ``triton_server_path`` Model Analyzer starts, and the flags it passes besides ports and repository."""
+    flags = {
+        "http-address": "127.0.0.1",
+        "grpc-address": "127.0.0.1",
+        "metrics-address": "127.0.0.1",
+        "allow-cpu-metrics": "true",
+        "exit-timeout-secs": "3",
+    }
+    if r.target is not Target.CPU or r.server_binary is not None:  # the wheel has only the python backend
+        binary = r.server_binary or NGC_TRITONSERVER
+        if not binary.exists() and not r.config_only:
+            raise TuneError(
+                f"{binary}: no tritonserver there. --target {r.target.value} runs in NVIDIA's Triton container "
+                "(nvcr.io/nvidia/tritonserver:24.10-py3) or with --triton-server PATH; --config-only writes the "
+                "Model Analyzer config without running it"
+            )
+        return binary, flags
+    from .server import default_serve_env, lockdown_args
+
+    key = os.urandom(18).hex()
+    for arg in lockdown_args(key):  # the same key syntax as `serve`, on fewer APIs (TUNE_RESTRICTED_APIS)
+        name, value = arg.removeprefix("--").split("=", 1)
+        flags[name] = ",".join(TUNE_RESTRICTED_APIS) + ":" + value.split(":", 1)[1]
+    launcher = work / "tritonserver"
+    serve_env = r.serve_env or default_serve_env()
+    launcher.write_text(
+        f'#!/bin/sh\nexec "{sys.executable}" -m hrnet_triton.tune_launch --serve-env "{serve_env}" -- "$@"\n'
+    )
+    launcher.chmod(0o755)
+    return launcher, flags
+
+
+def _run_model_analyzer(tools: Tools, work: Path) -> None:
+    """``model-analyzer profile -f model_analyzer.yaml`` in ``work``, its output in ``model_analyzer.log``."""
+    cmd = [str(tools.model_analyzer), "profile", "-f", str(work / "model_analyzer.yaml")]
+    log.info("running %s (its log: model_analyzer.log in the report)", " ".join(cmd))
+    with open(work / "model_analyzer.log", "wb") as out:
+        done = subprocess.run(cmd, cwd=work, env=tools.env, stdout=out, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        tail = (work / "model_analyzer.log").read_text(errors="replace").strip().splitlines()[-15:]
+        raise TuneError(
+            f"model-analyzer profile exited with code {done.returncode}; its last lines:\n" + "\n".join(tail)
+        )
+
+
+def read_rows(csv_path: Path) -> list[dict[str, str]]:
+    """Model Analyzer's inference table, one dict per measurement (config × concurrency)."""
+    if not csv_path.is_file():
+        raise TuneError(f"Model Analyzer wrote no {csv_path.name} (no config could be measured); see its log")
+    with open(csv_path, newline="") as fh:
+        return [{k.strip(): (v or "").strip() for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def choose_winner(csv_path: Path, variants_dir: Path, r: TuneRequest) -> Winner:
+    """The highest-throughput measurement that satisfies the p95 constraint, as options."""
+    rows = read_rows(csv_path)
+    passing = [row for row in rows if row.get("Satisfies Constraints") == "Yes"]
+    if not passing:
+        best = min((float(row["p95 Latency (ms)"]) for row in rows), default=float("nan"))
+        raise TuneError(
+            f"none of the {len(rows)} measurements kept p95 latency within {r.slo_ms:g} ms (the best p95 was "
+            f"{best:.0f} ms); raise --slo-ms or search lower concurrency (--concurrency)"
+        )
+    row = max(passing, key=lambda x: float(x["Throughput (infer/sec)"]))
+    name = row["Model Config Path"]
+    config = variants_dir / name / "config.pbtxt"
+    if not config.is_file():
+        raise TuneError(f"Model Analyzer measured {name} but its {config} is missing")
+    measured = options_from_config(parse_config(config.read_text()))
+    base = r.base or RepositoryOptions.for_target(r.target)
+    options = dataclasses.replace(
+        base.override(max_batch=measured.max_batch_size, instances=measured.instances),
+        max_queue_delay_us=measured.max_queue_delay_us,
+    )
+    return Winner(name, row, options)
+
+
+def _write_winner(r: TuneRequest, winner: Winner) -> list[Path]:
+    """The repository with the winner's options, through the repository writer, moved into place whole."""
+    with atomic.atomic_path(r.out) as tmp:
+        written = write_repository(
+            r.target,
+            [r.variant],
+            tmp,
+            winner.options,
+            onnx_dir=r.onnx_dir,
+            plans_dir=r.plans_dir,
+            fit_to_plans=False,
+            kinds=r.kinds,
+        )
+    return [r.out / p.name for p in written]
+
+
+def _keep_report(work: Path, run: AnalyzerRun, dest: Path, winner: Winner | None) -> Path:
+    """Model Analyzer's export directory, its config, output repository, logs and ``winner.json``, moved to ``dest``."""
+    with atomic.atomic_path(dest) as tmp:
+        tmp.mkdir()
+        if run.report.is_dir():
+            shutil.copytree(run.report, tmp, dirs_exist_ok=True)
+        for name in ("model_analyzer.yaml", "model_analyzer.log", "tritonserver.log", "perf_analyzer.log"):
+            if (work / name).is_file():
+                shutil.copy2(work / name, tmp / name)
+        if (work / "checkpoints").is_dir():
+            shutil.copytree(work / "checkpoints", tmp / "checkpoints")
+        for config in sorted((work / "output_model_repository").glob("*/config.pbtxt")):
+            (tmp / "configs" / config.parent.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(config, tmp / "configs" / config.parent.name / "config.pbtxt")  # not the model files
+        if winner is not None:
+            (tmp / "winner.json").write_text(json.dumps(winner.summary(), indent=2) + "\n")
+    return dest

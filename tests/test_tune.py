@@ -1,0 +1,219 @@
+"""``hrnet-triton tune``: the Model Analyzer config it generates, the write-back of a winner, and a real
+(tiny) Model Analyzer search against the wheel's tritonserver."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hrnet_build.config import RepositoryOptions, Target, config_text, model_config, parse_config
+from hrnet_core import variants
+from hrnet_core.errors import HrnetTritonError
+from hrnet_triton import cli
+from hrnet_triton.tools import ToolsMissing, find_tools
+from hrnet_triton.tune import INFERENCE_CSV, TuneError, TuneRequest, choose_winner, tune
+from hrnet_triton.tune_config import (
+    AnalyzerRun,
+    Endpoints,
+    Measuring,
+    SearchSpace,
+    analyzer_config,
+    base_options,
+)
+from hrnet_triton.tune_launch import _joined, _value
+
+yaml = pytest.importorskip("yaml")  # Model Analyzer reads its config with yaml.safe_load; so does this test
+
+W18 = variants.get("HRNet_W18_C")
+# The header Model Analyzer 1.58 wrote for tune's inference_output_fields (a real run, 2026-11-28).
+MA_HEADER = (
+    "Model,Batch,Concurrency,Model Config Path,Instance Group,Max Batch Size,Satisfies Constraints,"
+    "Throughput (infer/sec),p95 Latency (ms),p99 Latency (ms),Server Queue time (ms),Server Compute Infer time (ms)"
+)
+
+
+def _run(tmp_path: Path, target: Target, slo_ms: float = 400) -> AnalyzerRun:
+    return AnalyzerRun(
+        model="HRNet_W18_C",
+        target=target,
+        slo_ms=slo_ms,
+        repository=tmp_path / "repository",
+        work=tmp_path,
+        report=tmp_path / "report",
+        launcher=tmp_path / "tritonserver",
+        perf_analyzer=Path("/tools/bin/perf_analyzer"),
+        endpoints=Endpoints(18000, 18001, 18002),
+    )
+
+
+def test_cpu_config_searches_instances_batch_and_delay_under_a_p95_slo(tmp_path):
+    space = SearchSpace.for_target(Target.CPU)
+    cfg = yaml.safe_load(json.dumps(analyzer_config(_run(tmp_path, Target.CPU, 250), space)))
+    model = cfg["profile_models"]["HRNet_W18_C"]
+    assert model["cpu_only"] is True
+    assert model["model_config_parameters"] == {
+        "max_batch_size": [1, 8],
+        "instance_group": [{"kind": "KIND_CPU", "count": [1, 2]}],
+        "dynamic_batching": {"max_queue_delay_microseconds": [0, 2000]},
+    }
+    assert model["parameters"] == {"concurrency": [2, 4], "batch_sizes": [1]}
+    assert cfg["constraints"] == {"perf_latency_p95": {"max": 250}}
+    assert cfg["objectives"] == {"perf_throughput": 10}
+    assert cfg["run_config_search_mode"] == "brute"
+    assert cfg["triton_launch_mode"] == "local"
+    assert cfg["triton_server_path"] == str(tmp_path / "tritonserver")
+    assert cfg["triton_http_endpoint"] == "127.0.0.1:18000"
+    assert cfg["triton_metrics_url"] == "http://127.0.0.1:18002/metrics"
+    assert cfg["perf_analyzer_flags"]["input-data"] == "zero"  # random float32 bytes hold NaN, which is refused
+    assert "perf_latency_p95" in cfg["inference_output_fields"]
+    assert space.model_configs == 8 and space.measurements == 16
+
+
+def test_gpu_config_uses_gpu_instances_and_gpu_metrics(tmp_path):
+    space = SearchSpace.for_target(Target.GPU)
+    cfg = yaml.safe_load(json.dumps(analyzer_config(_run(tmp_path, Target.GPU), space)))
+    model = cfg["profile_models"]["HRNet_W18_C"]
+    assert model["cpu_only"] is False  # Model Analyzer then records GPU memory, utilisation and power
+    assert model["model_config_parameters"]["instance_group"] == [{"kind": "KIND_GPU", "count": [1, 2, 3]}]
+    assert model["model_config_parameters"]["max_batch_size"] == [8, 16, 32]
+    assert model["model_config_parameters"]["dynamic_batching"] == {
+        "max_queue_delay_microseconds": [0, 500, 1000, 2000]
+    }
+    assert model["parameters"]["concurrency"] == [8, 32, 64, 128]
+
+
+@pytest.mark.parametrize("target", list(Target))
+def test_base_config_holds_for_every_searched_max_batch(target):
+    """Model Analyzer changes max_batch_size only: the base's warm-ups, preferred and CUDA-graph sizes must fit
+    the smallest max batch of the search, or Triton refuses the variant (issue 15)."""
+    space = SearchSpace.for_target(target)
+    cfg = parse_config(config_text(model_config(W18, target, base_options(target, space))))
+    smallest = min(space.max_batch_sizes)
+    assert {w.batch_size for w in cfg.model_warmup} <= set(range(1, smallest + 1))
+    assert all(s <= smallest for s in cfg.dynamic_batching.preferred_batch_size)
+    assert all(g.batch_size <= smallest for g in cfg.optimization.cuda.graph_spec)
+
+
+def test_bad_search_and_slo_are_refused(tmp_path):
+    with pytest.raises(HrnetTritonError, match="instances"):
+        SearchSpace((), (8,), (0,), (1,))
+    with pytest.raises(HrnetTritonError, match="queue delays"):
+        SearchSpace((1,), (8,), (-1,), (1,))
+    with pytest.raises(HrnetTritonError, match="--request-batch"):
+        SearchSpace((1,), (1, 8), (0,), (1,), request_batch=4)
+    with pytest.raises(HrnetTritonError, match="--slo-ms"):
+        analyzer_config(_run(tmp_path, Target.CPU, 0), SearchSpace.for_target(Target.CPU))
+
+
+def test_resume_reuses_the_earlier_runs_ports(tmp_path):
+    """Model Analyzer's checkpoint keys hold the metrics URL: a resumed run must listen where the first did."""
+    from hrnet_triton.tune import resumed_ports
+    from hrnet_triton.tune_config import config_text as ma_text
+
+    (tmp_path / "model_analyzer.yaml").write_text(
+        ma_text(analyzer_config(_run(tmp_path, Target.CPU), SearchSpace.for_target(Target.CPU)))
+    )
+    assert resumed_ports(tmp_path) == (18000, 18001, 18002)
+    with pytest.raises(TuneError, match="name a --report of tune"):
+        resumed_ports(tmp_path / "nowhere")
+
+
+def test_launcher_reads_model_analyzers_arguments():
+    args = _joined(["--model-repository", "/r", "--http-port", "8000", "--allow-cpu-metrics=true", "--strict-x"])
+    assert args == ["--model-repository=/r", "--http-port=8000", "--allow-cpu-metrics=true", "--strict-x"]
+    assert _value(args, "--http-port") == "8000"
+    with pytest.raises(HrnetTritonError, match="--grpc-port"):
+        _value(args, "--grpc-port")
+
+
+def test_gpu_config_only_from_the_command_line(tmp_path):
+    """`tune --target gpu --config-only`: the Model Analyzer config and base repository a GPU host would run."""
+    report = tmp_path / "report"
+    code = cli.main(
+        ["tune", "HRNet_W18_C", "--target", "gpu", "--slo-ms", "50", "--out", str(tmp_path / "repo"),
+         "--report", str(report), "--config-only", "--ports", "9000,9001,9002", "--gpu-memory-mb", "1380"]
+    )  # fmt: skip
+    assert code == 0
+    cfg = yaml.safe_load((report / "model_analyzer.yaml").read_text())
+    assert cfg["triton_server_path"] == "/opt/tritonserver/bin/tritonserver"
+    assert cfg["model_repository"] == str(report / "repository")
+    assert cfg["constraints"] == {"perf_latency_p95": {"max": 50.0}, "gpu_used_memory": {"max": 1380.0}}
+    assert cfg["profile_models"]["HRNet_W18_C"]["cpu_only"] is False
+    base = parse_config((report / "repository" / "HRNet_W18_C" / "config.pbtxt").read_text())
+    assert base.platform == "tensorrt_plan" and base.max_batch_size == 8
+    assert {w.batch_size for w in base.model_warmup} == {1, 8}
+    assert not (tmp_path / "repo").exists()  # nothing was searched, so nothing is written back
+
+
+def _variant_dir(root: Path, name: str, options: RepositoryOptions) -> None:
+    """A variant's config as Model Analyzer leaves it in its output repository (named as the model)."""
+    (root / name).mkdir(parents=True)
+    (root / name / "config.pbtxt").write_text(config_text(model_config(W18, Target.CPU, options)))
+
+
+def test_winner_is_fastest_within_the_slo_and_written_back_atomically(tmp_path):
+    csv_path = tmp_path / INFERENCE_CSV
+    csv_path.write_text(
+        MA_HEADER + "\n"
+        "HRNet_W18_C,1,4,HRNet_W18_C_config_1,1:CPU,8,No,12.0,900.0,950.0,400.0,300.0\n"
+        "HRNet_W18_C,1,2,HRNet_W18_C_config_2,2:CPU,8,Yes,9.5,300.0,320.0,2.0,190.0\n"
+        "HRNet_W18_C,1,2,HRNet_W18_C_config_default,2:CPU,1,Yes,8.0,250.0,260.0,0.1,120.0\n"
+    )
+    defaults = RepositoryOptions.for_target(Target.CPU)
+    variants_dir = tmp_path / "output_model_repository"
+    _variant_dir(variants_dir, "HRNet_W18_C_config_2", defaults.override(max_batch=8, instances=2))
+    out = tmp_path / "repo"
+    request = TuneRequest(W18, Target.CPU, 400, out, tmp_path / "report", kinds=("tensor",))
+    winner = choose_winner(csv_path, variants_dir, request)
+    assert winner.variant_name == "HRNet_W18_C_config_2"
+    assert (winner.options.instances, winner.options.max_batch_size) == (2, 8)
+    assert winner.options.runtime == defaults.runtime and winner.options.threads == defaults.threads
+
+    from hrnet_triton.tune import _write_winner
+
+    written = _write_winner(request, winner)
+    assert written == [out / "HRNet_W18_C"]
+    cfg = parse_config((out / "HRNet_W18_C" / "config.pbtxt").read_text())
+    assert (cfg.max_batch_size, cfg.instance_group[0].count) == (8, 2)
+    assert {w.batch_size for w in cfg.model_warmup} == {1, 8}  # warm-up follows the winner's max batch
+    assert not list(tmp_path.glob(".repo.*"))  # no temporary sibling left
+
+    # Model Analyzer judges the constraint ("Satisfies Constraints"); none passing is an error that says what to do
+    csv_path.write_text(MA_HEADER + "\nHRNet_W18_C,1,4,HRNet_W18_C_config_1,1:CPU,8,No,12.0,900.0,950.0,4,3\n")
+    with pytest.raises(TuneError, match=r"within 100 ms \(the best p95 was 900 ms\)"):
+        choose_winner(csv_path, variants_dir, TuneRequest(W18, Target.CPU, 100, out, tmp_path / "r"))
+
+
+def test_model_analyzer_search_against_a_real_server(w18_offline, serve_env, tmp_path):
+    """A real Model Analyzer brute search (the base config and one variant, batch 1, concurrency 1) on the
+    wheel's tritonserver in local launch mode; the winner goes back through the repository writer. About 45 s
+    (85 s with the session's export of HRNet_W18_C) on the 2-core machine under load."""
+    try:
+        tools = find_tools()
+    except ToolsMissing as err:
+        pytest.skip(f"no tools environment: {err}")
+    request = TuneRequest(
+        W18,
+        Target.CPU,
+        slo_ms=10_000,
+        out=tmp_path / "repo",
+        report=tmp_path / "report",
+        onnx_dir=w18_offline.onnx.parent,
+        space=SearchSpace((1,), (1,), (0,), (1,)),
+        measuring=Measuring(window_requests=5, stability_percent=50, max_trials=3),
+        kinds=("tensor",),
+        serve_env=serve_env,
+    )
+    from hrnet_triton.tune_options import endpoints
+
+    result = tune(request, tools, endpoints(None))
+    rows = (tmp_path / "report" / "results" / INFERENCE_CSV).read_text().strip().splitlines()
+    assert len(rows) == 3  # the header, the base config, config_0
+    assert (tmp_path / "report" / "reports" / "summaries" / "HRNet_W18_C" / "result_summary.html").is_file()
+    assert json.loads((tmp_path / "report" / "winner.json").read_text())["model_analyzer_config"] in rows[1] + rows[2]
+    cfg = parse_config((tmp_path / "repo" / "HRNet_W18_C" / "config.pbtxt").read_text())
+    assert cfg.instance_group[0].count == result.winner.options.instances
+    assert cfg.max_batch_size == 1 and {w.batch_size for w in cfg.model_warmup} == {1}
+    assert (tmp_path / "repo" / "HRNet_W18_C" / "1" / "model.onnx").is_file()

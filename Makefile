@@ -29,7 +29,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps nvidia-pytriton==$(PYTRITON_VERSION)
 	touch $@
 
-# The environment Triton's Python backend runs the cpu-target models and hrnet_preprocess in:
+# The environment Triton's Python backend runs the cpu-target models and hrnet_preprocess in
+# (OpenVINO by default, ONNX Runtime as an option: docs/cpu-speed.md):
 # the stub of this Triton release returns empty outputs under numpy 2 (docs/repository.md), and
 # OpenCV 4.11.0.86 is the last release built against numpy 1.x. hrnet_preprocess imports
 # hrnet_core.preprocess itself, so the project is installed (editable, without its
@@ -40,7 +41,7 @@ serve-env: $(SERVE_ENV)/.installed
 $(SERVE_ENV)/.installed: Makefile pyproject.toml
 	$(PYTHON) -m venv $(SERVE_ENV)
 	$(SERVE_ENV)/bin/python -m pip install --quiet --upgrade pip
-	$(SERVE_ENV)/bin/python -m pip install --quiet "numpy<2" "onnxruntime>=1.18" \
+	$(SERVE_ENV)/bin/python -m pip install --quiet "numpy<2" "onnxruntime==1.32.0" "openvino==2026.4.1" \
 	  "opencv-python-headless==4.11.0.86" "imagesize>=1.4"
 	$(SERVE_ENV)/bin/python -m pip install --quiet --no-deps -e .
 	$(SERVE_ENV)/bin/python -c "import hrnet_core.preprocess"

@@ -117,12 +117,19 @@ def _cmd_repo(args: argparse.Namespace) -> int:
     from hrnet_build.repository import RepositoryOptions, Target, write_repository
 
     target = Target(args.target)
+    gpu = target is Target.GPU
+    if gpu and (args.runtime or args.precision == "bf16"):
+        raise HrnetTritonError("gpu target: TensorRT plans; --runtime and bf16 are for the cpu and onnx targets")
+    if not gpu and args.precision == "fp16":
+        raise HrnetTritonError("fp16 is the gpu target's; the cpu and onnx targets run at fp32 or bf16")
     options = RepositoryOptions.for_target(target).override(
         max_batch=args.max_batch,
         instances=args.instances,
         max_queue_size=args.max_queue_size,
         threads=args.threads,
         instance_kind=args.instance_kind,
+        runtime=args.runtime,
+        precision=None if gpu else args.precision,
     )
     if target is not Target.GPU and args.onnx_dir is None:
         log.warning("no --onnx-dir: writing configs and labels only; put each model.onnx in <model>/1/ yourself")
@@ -135,7 +142,7 @@ def _cmd_repo(args: argparse.Namespace) -> int:
         onnx_dir=args.onnx_dir,
         plans_dir=args.plans_dir,
         fit_to_plans=args.max_batch is None,
-        precision=args.precision,
+        precision=args.precision or "fp16",
         kinds=args.inputs,
     )
     print(f"wrote {len(written)} {target.value}-target model(s) to {args.out}: {', '.join(p.name for p in written)}")
@@ -221,6 +228,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
             server_top_k=args.server_top_k,
             retry_s=args.retry_seconds,
             admin_key=args.admin_key,
+            grpc_round_robin=args.grpc_round_robin,
         )
         log.info(
             "classifying with %s on %s; input: %s", classifier.model, classifier.address, classifier.input.describe()
@@ -251,23 +259,29 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from hrnet_triton.bench import sweep, title_for, write_results
+    from hrnet_triton.perf_options import bench_config
+    from hrnet_triton.perf_report import bench_and_write
 
-    points = sweep(
-        args.url,
-        args.model,
-        protocol=args.protocol,
-        grpc_port=args.grpc_port,
-        batch_sizes=args.batch_sizes,
-        concurrencies=args.concurrency,
-        inputs=args.inputs,
-        seconds=args.seconds,
-        out=args.out,
-        admin_key=args.admin_key,
-    )
-    written = write_results(points, args.out, title_for(args.url, args.model, args.protocol, args.seconds))
+    written = bench_and_write(bench_config(args), args.out, args.slo_ms)
     print((args.out / "bench.md").read_text())
     print("wrote " + ", ".join(map(str, written)))
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from hrnet_triton.tune import run_from_args
+
+    result = run_from_args(args)
+    if result.winner is None:
+        print(f"wrote Model Analyzer's config and base repository to {result.report}; nothing was run (--config-only)")
+        return 0
+    w, row = result.winner, result.winner.row
+    print(
+        f"winner {w.variant_name}: {w.options.instances} instance(s), max batch {w.options.max_batch_size}, "
+        f"queue delay {w.options.max_queue_delay_us} us: {row['Throughput (infer/sec)']} infer/s, "
+        f"p95 {row['p95 Latency (ms)']} ms at concurrency {row['Concurrency']}\n"
+        f"wrote {', '.join(str(p) for p in result.written)}; Model Analyzer's report: {result.report}"
+    )
     return 0
 
 
@@ -297,6 +311,7 @@ COMMANDS = {
     "classify": _cmd_classify,
     "preprocess": _cmd_preprocess,
     "bench": _cmd_bench,
+    "tune": _cmd_tune,
 }
 
 

@@ -172,15 +172,22 @@ def _repo(sub, parents) -> argparse.ArgumentParser:
         "--target",
         choices=["gpu", "onnx", "cpu"],
         required=True,
-        help="gpu: TensorRT plans; onnx: Triton's onnxruntime backend; cpu: python backend + ONNX Runtime",
+        help="gpu: TensorRT plans; onnx: Triton's openvino (or onnxruntime) backend, for the NGC image; "
+        "cpu: the python backend running OpenVINO (or ONNX Runtime), for the local server",
     )
     p.add_argument("--variants", nargs="+", metavar="NAME", help="seed model names (default: all ten)")
     p.add_argument("--onnx-dir", type=Path, help="directory of exported <NAME>.onnx files (onnx and cpu targets)")
     p.add_argument("--out", type=Path, required=True, help="the repository directory to write")
     p.add_argument("--plans-dir", type=Path, help="directory of plans built by `engine` (gpu target; one per GPU arch)")
     p.add_argument(
-        "--precision", choices=["fp16", "fp32"], default="fp16",
-        help="gpu target: install the plans of this precision from --plans-dir (default: fp16)",
+        "--precision", choices=["fp16", "fp32", "bf16"],
+        help="gpu target: install the plans of this precision from --plans-dir (fp16, fp32; default fp16). "
+        "cpu and onnx targets: the runtime's precision (fp32, or bf16 with openvino on a CPU with native BF16; "
+        "default fp32), gated against ONNX Runtime on the sample photographs (docs/cpu-speed.md)",
+    )  # fmt: skip
+    p.add_argument(
+        "--runtime", choices=["openvino", "onnxruntime"],
+        help="cpu and onnx targets: the runtime that runs the ONNX model (default: openvino)",
     )  # fmt: skip
     p.add_argument(
         "--inputs", type=kind_list, default=list(INPUT_KINDS),
@@ -296,6 +303,12 @@ def _classify_with_a_server(p: argparse.ArgumentParser) -> None:
         "outage has lasted this long (default: %(default)g; 0: never)",
     )
     p.add_argument(
+        "--grpc-round-robin",
+        action="store_true",
+        help="with --protocol grpc, send each request to the next of the servers --url resolves to, e.g. "
+        "dns:///triton-grpc.hrnet-triton:8001 (a headless Service) or ipv4:10.0.0.1:8001,10.0.0.2:8001",
+    )
+    p.add_argument(
         "--admin-key",
         default=None,
         help="the server's admin key, for --shared-memory when its admin APIs are restricted "
@@ -323,37 +336,25 @@ def _preprocess(sub, parents) -> argparse.ArgumentParser:
 
 
 def _bench(sub, parents) -> argparse.ArgumentParser:
-    p = sub.add_parser("bench", help="sweep concurrency and batch size with Locust; table, CSV and plot")
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server's HTTP address (default: %(default)s)")
-    p.add_argument("--model", default="HRNet_W18_C", help="the model's name on the server (default: %(default)s)")
-    p.add_argument(
-        "--protocol", choices=["http", "grpc"], default="http", help="what Locust sends (statistics use HTTP)"
+    from hrnet_triton.perf_options import add_bench_options
+
+    p = sub.add_parser(
+        "bench",
+        help="sweep batch size and load with perf_analyzer and Locust side by side; tables, CSV, JSON and plot",
     )
-    p.add_argument(
-        "--grpc-port", type=int, default=8001, help="the server's gRPC port, for --protocol grpc (default: %(default)s)"
+    add_bench_options(p)
+    return p
+
+
+def _tune(sub, parents) -> argparse.ArgumentParser:
+    from hrnet_triton.tune_options import add_tune_options
+
+    p = sub.add_parser(
+        "tune",
+        help="search instances, max batch and queue delay with NVIDIA's Model Analyzer for the best throughput "
+        "within a p95 SLO; write the winner as a repository (docs/tune.md)",
     )
-    p.add_argument(
-        "--batch-sizes", type=positive_list, default=[1, 8], help="images per request, comma-separated (default: 1,8)"
-    )
-    p.add_argument(
-        "--concurrency",
-        type=positive_list,
-        default=[1, 2, 4, 8],
-        help="Locust users, comma-separated (default: 1,2,4,8)",
-    )
-    p.add_argument(
-        "--inputs",
-        type=kind_list,
-        help="what Locust sends, comma-separated, of tensor,uint8,image; each a point of the sweep "
-        "(default: the best the server offers for --model)",
-    )
-    p.add_argument("--seconds", type=float, default=20, help="per point (default: 20)")
-    p.add_argument(
-        "--admin-key",
-        help=f"the server's admin key, for its statistics API (default: ${ADMIN_KEY_ENV}); prefer the variable: "
-        "options show in `ps`",
-    )
-    p.add_argument("--out", type=Path, default=Path("bench"), help="where bench.csv/.md/.png go (default: bench/)")
+    add_tune_options(p)
     return p
 
 
@@ -367,4 +368,5 @@ _SUBCOMMANDS = {
     "classify": _classify,
     "preprocess": _preprocess,
     "bench": _bench,
+    "tune": _tune,
 }

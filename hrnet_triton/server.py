@@ -107,11 +107,11 @@ def resolve_admin_key(key: str | None) -> tuple[str, bool]:
     """The admin key: ``key``, else ``$HRNET_TRITON_ADMIN_KEY``, else a random one; and whether it was generated."""
     key = key or os.environ.get(ADMIN_KEY_ENV)
     if not key:
-        return secrets.token_urlsafe(24), True
+        return secrets.token_hex(24), True  # hex: never starts with "-", which argparse would take for an option
     if not ADMIN_KEY_PATTERN.fullmatch(key):
         raise ServerError(
             f"the admin key (--admin-key or {ADMIN_KEY_ENV}) must be at least 16 characters of A-Z a-z 0-9 . _ ~ -; "
-            "make one with `python3 -c 'import secrets; print(secrets.token_urlsafe(24))'`"
+            "make one with `python3 -c 'import secrets; print(secrets.token_hex(24))'`"
         )
     return key, False
 
@@ -256,6 +256,7 @@ class LocalTritonServer:
             f"--grpc-port={self.ports.grpc}",
             f"--metrics-port={self.ports.metrics}",
             "--allow-cpu-metrics=true",
+            "--metrics-config=summary_latencies=true",  # p50..p99.9 latencies per model
             "--exit-on-error=true",
             "--disable-auto-complete-config",
             f"--exit-timeout-secs={self.exit_timeout_s}",

@@ -13,7 +13,9 @@
    into :class:`RepositoryOptions` (``options_from_config``); the searched fields become overrides
    of the target's defaults, and ``write_repository`` writes the repository to ``--out``.
 4. ``--out`` and the report directory (Model Analyzer's CSVs, HTML reports, its config, the
-   logs and ``winner.json``) are each written to a temporary sibling and moved into place.
+   logs, checkpoint and ``winner.json``) are each written to a temporary sibling and moved into place.
+   The report is kept however the run ends (an error, Ctrl-C, SIGTERM, a failed write-back), before
+   the winner is written: ``--resume`` needs its checkpoint.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,13 +41,24 @@ from hrnet_core.errors import HrnetTritonError
 from hrnet_core.variants import Variant
 
 from .tools import Tools
-from .tune_config import AnalyzerRun, Endpoints, Measuring, SearchSpace, analyzer_config, base_options, config_text
+from .tune_config import (
+    AnalyzerRun,
+    Endpoints,
+    Measuring,
+    SearchSpace,
+    analyzer_config,
+    base_options,
+    check_paths,
+    config_text,
+)
+from .tune_launch import stop_model_analyzer
 
 log = logging.getLogger(__name__)
 
 INFERENCE_CSV = "metrics-model-inference.csv"
-# Restricted on the servers Model Analyzer starts; it and perf_analyzer need model-repository (load/unload) and
-# statistics open, and send no admin header. The servers listen on 127.0.0.1 only, for the run.
+# Restricted on every server Model Analyzer starts; it and perf_analyzer need model-repository (load/unload) and
+# statistics open, and send no admin header. The servers listen on 127.0.0.1 only, for the run; a local user can
+# still load a model of theirs through the open load API (docs/tune.md: tune belongs on a single-user machine).
 TUNE_RESTRICTED_APIS = ("shared-memory", "trace", "logging")
 # The NGC container's server, for --target gpu (the wheel's tritonserver has no TensorRT backend).
 NGC_TRITONSERVER = Path("/opt/tritonserver/bin/tritonserver")
@@ -111,8 +124,9 @@ def run_from_args(args) -> TuneResult:
     """``hrnet-triton tune``'s options -> :func:`tune`."""
     from hrnet_core import variants
 
+    from .server import sigterm_as_interrupt
     from .tools import Tools, default_tools_env, find_tools
-    from .tune_options import endpoints, measuring, search_space
+    from .tune_options import endpoints, measuring, resumed_ports, search_space
 
     target = Target(args.target)
     request = TuneRequest(
@@ -135,23 +149,15 @@ def run_from_args(args) -> TuneResult:
     # --config-only writes the config for another machine: this one need not have the tools
     tools = Tools(args.tools_env or default_tools_env()) if args.config_only else find_tools(args.tools_env)
     ports = args.ports or (resumed_ports(args.resume) if args.resume else None)
+    if not args.config_only:
+        sigterm_as_interrupt()  # SIGTERM ends a run as Ctrl-C does: Model Analyzer stopped, its files kept
     return tune(request, tools, endpoints(ports))
-
-
-def resumed_ports(report: Path) -> tuple[int, int, int]:
-    """The earlier run's ports: Model Analyzer's checkpoint keys hold the metrics URL, so a resumed run must match."""
-    try:
-        cfg = json.loads((report / "model_analyzer.yaml").read_text())
-        http, grpc = (int(cfg[f"triton_{k}_endpoint"].rsplit(":", 1)[1]) for k in ("http", "grpc"))
-        metrics = int(cfg["triton_metrics_url"].rsplit(":", 1)[1].split("/")[0])
-    except (OSError, ValueError, KeyError) as err:
-        raise TuneError(f"{report}/model_analyzer.yaml cannot be read ({err}); name a --report of tune") from err
-    return http, grpc, metrics
 
 
 def tune(request: TuneRequest, tools: Tools, endpoints: Endpoints) -> TuneResult:
     """Run Model Analyzer's search for ``request`` and write its winner; see the module docstring."""
     r = request
+    check_paths(r.out, r.report)
     if r.target is Target.GPU and r.plans_dir is None and not r.config_only:
         raise TuneError("--target gpu needs --plans-dir (the plans `hrnet-triton engine` built)")
     if r.target is not Target.GPU and r.onnx_dir is None:
@@ -165,14 +171,29 @@ def tune(request: TuneRequest, tools: Tools, endpoints: Endpoints) -> TuneResult
         work = Path(tmp)
         run = _prepare(r, tools, endpoints, work)
         _resume(r, work)
-        try:
-            _run_model_analyzer(tools, work)
-            winner = choose_winner(work / "report" / "results" / INFERENCE_CSV, work / "output_model_repository", r)
-        except TuneError as err:
-            _keep_report(work, run, r.report, None)
-            raise TuneError(f"{err}\n(Model Analyzer's files and logs are kept in {r.report})") from err
+        return search_and_write(r, work, run, lambda: _run_model_analyzer(tools, work))
+
+
+def search_and_write(r: TuneRequest, work: Path, run: AnalyzerRun, search: Callable[[], None]) -> TuneResult:
+    """``search()`` (Model Analyzer's run), its winner, and the write-back. Model Analyzer's files are moved to
+    ``--report`` however this ends, and before the write-back: its checkpoint is what ``--resume`` needs."""
+    winner = None
+    try:
+        search()
+        winner = choose_winner(work / "report" / "results" / INFERENCE_CSV, work / "output_model_repository", r)
+    except TuneError as err:
+        raise TuneError(f"{err}\n(Model Analyzer's files and logs are kept in {r.report})") from err
+    except BaseException:  # Ctrl-C, SIGTERM or a bug: say where the measurements are, then let it go on
+        log.error("tune stopped; Model Analyzer's files so far are kept in %s (`--resume %s` goes on)", *[r.report] * 2)
+        raise
+    finally:
+        _keep_report(work, run, r.report, winner)
+    try:
         written = _write_winner(r, winner)
-        return TuneResult(winner, written, _keep_report(work, run, r.report, winner))
+    except BaseException:
+        log.error("the winner was not written to %s; its measurements and winner.json are kept in %s", r.out, r.report)
+        raise
+    return TuneResult(winner, written, r.report)
 
 
 def _prepare(r: TuneRequest, tools: Tools, endpoints: Endpoints, work: Path, named: Path | None = None) -> AnalyzerRun:
@@ -244,6 +265,7 @@ def _server(r: TuneRequest, work: Path, endpoints: Endpoints) -> tuple[Path, dic
         "metrics-address": "127.0.0.1",
         "allow-cpu-metrics": "true",
         "exit-timeout-secs": "3",
+        **_restricted_api_flags(),
     }
     if r.target is not Target.CPU or r.server_binary is not None:  # the wheel has only the python backend
         binary = r.server_binary or NGC_TRITONSERVER
@@ -254,12 +276,8 @@ def _server(r: TuneRequest, work: Path, endpoints: Endpoints) -> tuple[Path, dic
                 "Model Analyzer config without running it"
             )
         return binary, flags
-    from .server import default_serve_env, lockdown_args
+    from .server import default_serve_env
 
-    key = os.urandom(18).hex()
-    for arg in lockdown_args(key):  # the same key syntax as `serve`, on fewer APIs (TUNE_RESTRICTED_APIS)
-        name, value = arg.removeprefix("--").split("=", 1)
-        flags[name] = ",".join(TUNE_RESTRICTED_APIS) + ":" + value.split(":", 1)[1]
     launcher = work / "tritonserver"
     serve_env = r.serve_env or default_serve_env()
     launcher.write_text(
@@ -269,17 +287,37 @@ def _server(r: TuneRequest, work: Path, endpoints: Endpoints) -> tuple[Path, dic
     return launcher, flags
 
 
+def _restricted_api_flags() -> dict[str, str]:
+    """``serve``'s admin-key flags with a random per-run key, on TUNE_RESTRICTED_APIS, for every server tune starts."""
+    from .server import lockdown_args
+
+    flags = {}
+    for arg in lockdown_args(os.urandom(18).hex()):  # the same key syntax as `serve`, on fewer APIs
+        name, value = arg.removeprefix("--").split("=", 1)
+        flags[name] = ",".join(TUNE_RESTRICTED_APIS) + ":" + value.split(":", 1)[1]
+    return flags
+
+
 def _run_model_analyzer(tools: Tools, work: Path) -> None:
-    """``model-analyzer profile -f model_analyzer.yaml`` in ``work``, its output in ``model_analyzer.log``."""
+    """``model-analyzer profile -f model_analyzer.yaml`` in ``work``, its output in ``model_analyzer.log``.
+
+    It runs in a session of its own (a terminal's Ctrl-C reaches only tune); on any exception here, Ctrl-C and
+    SIGTERM included, :func:`stop_model_analyzer` stops it and the server it started.
+    """
     cmd = [str(tools.model_analyzer), "profile", "-f", str(work / "model_analyzer.yaml")]
     log.info("running %s (its log: model_analyzer.log in the report)", " ".join(cmd))
     with open(work / "model_analyzer.log", "wb") as out:
-        done = subprocess.run(cmd, cwd=work, env=tools.env, stdout=out, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        tail = (work / "model_analyzer.log").read_text(errors="replace").strip().splitlines()[-15:]
-        raise TuneError(
-            f"model-analyzer profile exited with code {done.returncode}; its last lines:\n" + "\n".join(tail)
+        proc = subprocess.Popen(
+            cmd, cwd=work, env=tools.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
+        try:
+            code = proc.wait()
+        except BaseException:
+            stop_model_analyzer(proc)
+            raise
+    if code != 0:
+        tail = (work / "model_analyzer.log").read_text(errors="replace").strip().splitlines()[-15:]
+        raise TuneError(f"model-analyzer profile exited with code {code}; its last lines:\n" + "\n".join(tail))
 
 
 def read_rows(csv_path: Path) -> list[dict[str, str]]:

@@ -84,6 +84,15 @@ class Measuring:
     stability_percent: int = DEFAULT_STABILITY_PERCENT
     max_trials: int = DEFAULT_MAX_TRIALS
 
+    def __post_init__(self) -> None:
+        for option, value in (
+            ("--window-requests", self.window_requests),
+            ("--stability-percent", self.stability_percent),
+            ("--max-trials", self.max_trials),
+        ):
+            if value < 1:
+                raise HrnetTritonError(f"{option} must be a whole number of 1 or more, got {value}")
+
     def flags(self) -> dict[str, object]:
         return {
             "measurement-mode": "count_windows",
@@ -102,6 +111,22 @@ class Endpoints:
     http: int
     grpc: int
     metrics: int
+
+    def __post_init__(self) -> None:
+        ports = (self.http, self.grpc, self.metrics)
+        if len(set(ports)) != 3 or not all(1 <= port <= 65535 for port in ports):
+            raise HrnetTritonError(f"--ports takes three different ports in 1..65535, HTTP,gRPC,metrics; got {ports}")
+
+
+def check_paths(out: Path, report: Path) -> None:
+    """``--out`` and ``--report`` are each replaced whole: neither may be the other or lie inside it."""
+    o, r = out.resolve(), report.resolve()
+    if o == r or o.is_relative_to(r) or r.is_relative_to(o):
+        raise HrnetTritonError(
+            f"--out {out} and --report {report} {'are the same directory' if o == r else 'lie one inside the other'}; "
+            "each is replaced whole when tune ends, so give two separate directories, e.g. --out w18/repo "
+            "--report w18/report"
+        )
 
 
 @dataclass(frozen=True)

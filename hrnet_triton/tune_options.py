@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import socket
 from pathlib import Path
 
@@ -19,13 +20,14 @@ from .tune_config import (
 )
 
 
-def _ints(text: str, low: int) -> tuple[int, ...]:
+def _ints(text: str, low: int, high: int | None = None) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(","))
     except ValueError:
         values = ()
-    if not values or min(values) < low:
-        raise argparse.ArgumentTypeError(f"takes integers >= {low} separated by commas, e.g. 1,2; got {text!r}")
+    if not values or min(values) < low or (high is not None and max(values) > high):
+        within = f">= {low}" if high is None else f"in {low}..{high}"
+        raise argparse.ArgumentTypeError(f"takes integers {within} separated by commas, e.g. 1,2; got {text!r}")
     return values
 
 
@@ -35,6 +37,20 @@ def _positive_ints(text: str) -> tuple[int, ...]:
 
 def _non_negative_ints(text: str) -> tuple[int, ...]:
     return _ints(text, 0)
+
+
+def _ports(text: str) -> tuple[int, ...]:
+    return _ints(text, 1, 65535)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"takes a whole number of 1 or more, got {text!r}")
+    return value
 
 
 def _kinds(text: str) -> list[str]:
@@ -61,7 +77,12 @@ def add_tune_options(p: argparse.ArgumentParser) -> None:
         "--config-only)",
     )
     p.add_argument("--slo-ms", type=_positive_float, required=True, help="the p95 latency limit, in ms")
-    p.add_argument("--out", type=Path, required=True, help="the repository to write the winner to (replaced whole)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="the repository to write the winner to (replaced whole; apart from --report)",
+    )
     p.add_argument(
         "--report", type=Path, required=True, help="where Model Analyzer's results, HTML reports and logs are kept"
     )
@@ -85,22 +106,22 @@ def _search_options(p: argparse.ArgumentParser) -> None:
         "--queue-delay-us", type=_non_negative_ints, help="dynamic batching max_queue_delay_microseconds, e.g. 0,2000"
     )
     g.add_argument("--concurrency", type=_positive_ints, help="client concurrencies each config is measured at")
-    g.add_argument("--request-batch", type=int, default=1, help="images per request (default: %(default)s)")
+    g.add_argument("--request-batch", type=_positive_int, default=1, help="images per request (default: %(default)s)")
     g.add_argument(
         "--window-requests",
-        type=int,
+        type=_positive_int,
         default=DEFAULT_WINDOW_REQUESTS,
         help="perf_analyzer: requests per measurement window (default: %(default)s)",
     )
     g.add_argument(
         "--stability-percent",
-        type=int,
+        type=_positive_int,
         default=DEFAULT_STABILITY_PERCENT,
         help="perf_analyzer: windows count as stable within this %% (default: %(default)s)",
     )
     g.add_argument(
         "--max-trials",
-        type=int,
+        type=_positive_int,
         default=DEFAULT_MAX_TRIALS,
         help="perf_analyzer: at most this many windows per point (default: %(default)s)",
     )
@@ -110,7 +131,7 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("running Model Analyzer")
     g.add_argument(
         "--ports",
-        type=_positive_ints,
+        type=_ports,
         help="HTTP,gRPC,metrics ports of the servers Model Analyzer starts on 127.0.0.1 (default: three free ones)",
     )
     g.add_argument("--serve-env", type=Path, help="the python backend's numpy<2 environment (default: .venv-serve)")
@@ -169,3 +190,14 @@ def endpoints(ports: tuple[int, ...] | None) -> Endpoints:
     finally:
         for s in socks:
             s.close()
+
+
+def resumed_ports(report: Path) -> tuple[int, int, int]:
+    """The earlier run's ports: Model Analyzer's checkpoint keys hold the metrics URL, so a resumed run must match."""
+    try:
+        cfg = json.loads((report / "model_analyzer.yaml").read_text())
+        http, grpc = (int(cfg[f"triton_{k}_endpoint"].rsplit(":", 1)[1]) for k in ("http", "grpc"))
+        metrics = int(cfg["triton_metrics_url"].rsplit(":", 1)[1].split("/")[0])
+    except (OSError, ValueError, KeyError) as err:
+        raise HrnetTritonError(f"{report}/model_analyzer.yaml cannot be read ({err}); name a --report of tune") from err
+    return http, grpc, metrics

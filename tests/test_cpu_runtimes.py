@@ -78,6 +78,10 @@ def test_openvino_fp32_is_within_the_float32_floor_of_onnx_runtime(w18_offline):
     assert report.max_abs_dprob <= cpu_gate.LIMITS["fp32"].max_abs_dprob
 
 
+NEEDS_BF16 = pytest.mark.skipif(not native_bf16(), reason="this CPU has no native BF16 (AVX512_BF16 or AMX)")
+
+
+@NEEDS_BF16
 def test_the_bf16_gate_measures_the_drift_and_refuses_a_changed_top1(w18_offline):
     """Offline weights give flat probabilities (top-1 0.02-0.15) whose top-1 margins on some
     photographs are smaller than BF16's drift: the gate must then refuse, naming them, and write
@@ -107,7 +111,9 @@ def test_bf16_is_refused_on_a_cpu_without_native_bf16(w18_offline):
 
 
 @pytest.mark.parametrize(
-    "runtime,precision,atol", [("onnxruntime", "fp32", 1e-5), ("openvino", "bf16", 0.1)], ids=["ort-fp32", "ov-bf16"]
+    "runtime,precision,atol",
+    [("onnxruntime", "fp32", 1e-5), pytest.param("openvino", "bf16", 0.1, marks=NEEDS_BF16)],
+    ids=["ort-fp32", "ov-bf16"],
 )
 def test_each_runtime_is_served_and_answers_like_it_does_in_process(
     w18_offline, serve_env, free_ports, tmp_path, runtime, precision, atol

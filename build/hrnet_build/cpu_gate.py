@@ -50,12 +50,16 @@ def gate(
     batch = parity_batch(photos, input_kind)
     reference = OnnxRuntimeRunner(onnx, threads=threads).run(batch)
     candidate = cpu_runner(onnx, OPENVINO, threads=threads, precision=precision).run(batch)
+    import onnxruntime
+    import openvino
+
     report = compare(
         reference,
         candidate,
         LIMITS[precision],
         images=[Path(p).name for p in photos],
-        reference_name="ONNX Runtime fp32",
-        candidate_name=f"OpenVINO {precision}",
+        reference_name=f"ONNX Runtime {onnxruntime.__version__} fp32",
+        # the OpenVINO of this environment: a server's own OpenVINO (the NGC openvino backend) may differ
+        candidate_name=f"OpenVINO {openvino.__version__.split('-')[0]} {precision}",
     )
     return report.require(f"the {precision} model {Path(onnx).name}")

@@ -91,7 +91,12 @@ def address(url: str, protocol: Protocol | str, grpc_port: int | None = None) ->
     """
     protocol = Protocol(protocol)
     if protocol is Protocol.GRPC and url.startswith(GRPC_RESOLVER_SCHEMES):
-        return url  # a gRPC target name, e.g. dns:///triton-grpc.hrnet-triton:8001, for the channel as written
+        # a gRPC target name, e.g. dns:///triton-grpc.hrnet-triton:8001, for the channel as written;
+        # gRPC would send a dns: name without a port to 443, so Triton's 8001 is added
+        name = url.rsplit("/", 1)[-1]
+        if url.startswith("dns:") and ":" not in name.rsplit("]", 1)[-1]:
+            return f"{url}:{DEFAULT_PORTS[protocol.value]}"
+        return url
     parts = urlsplit(url if "//" in url else f"//{url}")
     try:
         port = parts.port

@@ -8,15 +8,14 @@ from hrnet_core.contract import NUM_CLASSES
 
 
 def check_probabilities(probs: np.ndarray | None, batch: int) -> None:
-    """Full probabilities: shape (batch, 1000), a distribution per row, the top-1 class in the label set."""
+    """Full probabilities: shape (batch, 1000) and a probability distribution per row. (Any top-1 index of
+    such a row is in the label set, so there is nothing more to check about it.)"""
     if probs is None or probs.shape != (batch, NUM_CLASSES):
         raise AssertionError(
             f"expected probabilities of shape ({batch}, {NUM_CLASSES}), got {getattr(probs, 'shape', None)}"
         )
     if not np.isfinite(probs).all() or probs.min() < 0 or np.abs(probs.sum(axis=1) - 1).max() > 1e-3:
         raise AssertionError("the answer is not a probability distribution per image")
-    if int(probs.argmax(axis=1).max()) >= NUM_CLASSES:
-        raise AssertionError("top-1 class outside the label set")
 
 
 def check_classification(entries: np.ndarray | None, batch: int, k: int) -> None:

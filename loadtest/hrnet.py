@@ -13,8 +13,8 @@ their help, and a run started there uses the values in its form. Every option al
 ``LOCUST_…`` environment variable (``--batch-size``: ``LOCUST_BATCH_SIZE``) and a ``locust.conf``
 line (``batch-size = 8``). docs/loadtest.md has the reference.
 
-Each answer is checked (its shape, a probability distribution per row, the top-1 class in the label
-set); a wrong answer counts as a failure. The end-of-run line gives the goodput.
+Each answer is checked (its shape, a probability distribution per row; with --top-k, classes in the
+label set and probabilities in order); a wrong answer counts as a failure. The end-of-run line gives the goodput.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The end of a run: one summary line (rate, goodput, latency) and the thresholds that fail it.
 
-Exit status: 0 clean; 1 Locust's own for failed requests; 2 the test could not start
-(hrnet_loadtest.workload); 3 a threshold was crossed (--max-p95-ms, --max-failure-ratio).
+Exit status: 0 clean; 1 Locust's own for failed requests; 2 the test could not start, here or on a
+worker (hrnet_loadtest.workload); 3 a threshold was crossed (--max-p95-ms, --max-failure-ratio, or a
+headless run that made no request).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def thresholds_crossed(environment) -> list[str]:
         crossed.append(f"p95 latency {total.get_response_time_percentile(0.95):.0f} ms > --max-p95-ms {o.max_p95_ms:g}")
     if o.max_failure_ratio >= 0 and total.fail_ratio > o.max_failure_ratio:
         crossed.append(f"failure ratio {total.fail_ratio:.3f} > --max-failure-ratio {o.max_failure_ratio:g}")
-    if not total.num_requests:
+    if not total.num_requests and (o.headless or o.autostart):  # a web UI may be closed before any run
         crossed.append("no request was made")
     return crossed
 

@@ -43,7 +43,12 @@ class TritonUser(User):
         if o.target_rps <= 0:
             return backoff
         paced = constant_throughput(o.target_rps / users_of_run(self.environment))(self)
-        return max(paced, backoff)
+        if backoff > paced:
+            # constant_throughput times the next request from the end of the wait it recorded: record the
+            # wait made, or it would count the backoff's excess as a late task and skip the next pause.
+            self._cp_last_wait_time = backoff
+            return backoff
+        return paced
 
     def on_start(self) -> None:
         try:

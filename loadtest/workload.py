@@ -13,7 +13,8 @@ import logging
 from pathlib import Path
 
 import gevent
-from locust.runners import WorkerRunner
+from locust import events
+from locust.runners import MasterRunner, WorkerRunner
 
 from hrnet_client.served_model import Protocol, ServedModel, address, choose
 from hrnet_core.contract import INPUT_KINDS, NUM_CLASSES
@@ -131,21 +132,49 @@ def workload(environment, protocol: Protocol) -> Workload:
 
 _logged: set[str] = set()
 
+# The custom message (Locust's runner.send_message) by which a worker tells its master why it cannot start.
+SETUP_ERROR_MESSAGE = "hrnet_setup_error"
+
 
 def fail_setup(environment, err: Exception) -> None:
-    """Report a setup error once. A headless (or --autostart) run, and a worker, end with exit 2;
-    a run started from the web UI stops, and the UI stays up for the next try."""
-    if str(err) not in _logged:
-        _logged.add(str(err))
-        log.error("%s", err)
-    o, runner = environment.parsed_options, environment.runner
+    """Report a setup error once. A worker sends it to its master, which logs it and decides for every
+    worker; a headless (or --autostart) run then ends with exit 2, and a run started from the web UI
+    stops, the UI (and its workers) staying up for the next try."""
+    message, runner = str(err), environment.runner
+    first = message not in _logged
+    if first:
+        _logged.add(message)
+        log.error("%s", message)
     if runner is None:
         return
-    if o is None or o.headless or o.autostart or isinstance(runner, WorkerRunner):
+    if isinstance(runner, WorkerRunner):
+        environment.process_exit_code = 2  # this worker's own status; the master's is what the run returns
+        if first:
+            runner.send_message(SETUP_ERROR_MESSAGE, message)
+        return
+    if isinstance(runner, MasterRunner) and not first:
+        return  # another worker's report of the same error: the run is already ending
+    o = environment.parsed_options
+    if o is None or o.headless or o.autostart:
         environment.process_exit_code = 2
-        runner.quit()
+        if isinstance(runner, MasterRunner):
+            gevent.spawn_later(0, runner.quit)  # not from the message handler, one of the greenlets quit kills
+        else:
+            runner.quit()
     else:
         gevent.spawn_later(0, runner.stop)  # not from inside the greenlet that runner.stop would kill
+
+
+def _setup_error_from_worker(environment, msg, **_kwargs) -> None:
+    """A worker's setup error, on its master: the same text from several workers is logged once."""
+    fail_setup(environment, LoadTestSetupError(f"a worker cannot start: {msg.data}"))
+
+
+@events.init.add_listener
+def _hear_workers(environment, **_kwargs) -> None:
+    """On a master: a worker's setup error is logged here too, and ends or stops the run (fail_setup)."""
+    if isinstance(environment.runner, MasterRunner):
+        environment.runner.register_message(SETUP_ERROR_MESSAGE, _setup_error_from_worker)
 
 
 def new_run() -> None:

@@ -83,50 +83,58 @@ def test_crossed_p95_threshold_exits_non_zero(cpu_server, tmp_path, run_locust):
     assert "threshold crossed: p95 latency" in run.stderr and "> --max-p95-ms 1" in run.stderr
 
 
-def test_distributed_master_and_worker_share_the_load(cpu_server, tmp_path, aggregated, free_ports, locust_command):
-    port = free_ports().http
-    common = ["--host", cpu_server.http_url]
-    master = subprocess.Popen(
-        [
-            *locust_command,
-            *common,
-            "--master",
-            "--master-bind-port",
-            str(port),
-            "--headless",
-            "--expect-workers",
-            "1",
-            "-u",
-            "2",
-            "-r",
-            "2",
-            "-t",
-            "8s",
-            "--csv",
-            str(tmp_path / "dist"),
-        ],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    worker = subprocess.Popen(
-        [*locust_command, *common, "--worker", "--master-host", "127.0.0.1", "--master-port", str(port)],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def _distributed(
+    locust_command: list[str], tmp_path: Path, port: int, master_args: list[str], worker_args: list[str], workers: int
+) -> tuple[list[int], list[str]]:
+    """A headless master and ``workers`` workers, on this machine: their exit codes and logs, master first."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCUST_")}
+    master = [*master_args, "--master", "--master-bind-port", str(port), "--headless", "--expect-workers", str(workers)]
+    worker = [*worker_args, "--worker", "--master-host", "127.0.0.1", "--master-port", str(port)]
+    logs = [tmp_path / f"locust-{i}.log" for i in range(1 + workers)]
+    procs: list[subprocess.Popen] = []
     try:
-        _, master_err = master.communicate(timeout=120)
-        worker.communicate(timeout=60)
+        for args, log in zip([master] + [worker] * workers, logs, strict=True):
+            with open(log, "w") as fh:
+                procs.append(subprocess.Popen([*locust_command, *args], cwd=tmp_path, env=env, stdout=fh, stderr=fh))
+        codes = [proc.wait(timeout=120) for proc in procs]
     finally:
-        for proc in (master, worker):
+        for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-    assert master.returncode == 0, master_err[-3000:]
+                proc.wait()
+    return codes, [log.read_text() for log in logs]
+
+
+def test_distributed_master_and_workers_share_the_load_and_the_target_rate(
+    cpu_server, tmp_path, aggregated, free_ports, locust_command
+):
+    """Two workers, one user each, --target-rps 10 for 8 s: about 80 requests. A worker that paced its
+    user at the whole target (10/s each) would send about 160, above the bound of 1.3 x 10 x 8."""
+    host = ["--host", cpu_server.http_url]
+    args = [*host, "--model", "trivial", "--payload", "tiny", "-u", "2", "-r", "2", "-t", "8s", "--target-rps", "10"]
+    codes, logs = _distributed(
+        locust_command, tmp_path, free_ports().http, [*args, "--csv", str(tmp_path / "dist")], host, workers=2
+    )
+    assert codes[0] == 0, logs[0][-3000:]
     row = aggregated(tmp_path / "dist")
-    assert int(row["Request Count"]) >= 2 and int(row["Failure Count"]) == 0
+    assert int(row["Failure Count"]) == 0, row
+    assert 0.4 * 10 * 8 <= int(row["Request Count"]) <= 1.3 * 10 * 8, row
+    assert "requests/s (open loop, target 10)" in logs[0]
+
+
+def test_a_workers_setup_error_is_the_masters_one_message_and_exit_2(cpu_server, tmp_path, free_ports, locust_command):
+    """The master does not ask the server; its worker does, and sends it the reason (a Locust message):
+    the master logs it and exits 2 ("could not start"), not 3 ("no request was made")."""
+    host = ["--host", cpu_server.http_url]
+    master = [*host, "--model", "HRNet_W99_C", "-u", "2", "-r", "2", "-t", "30s"]
+    codes, logs = _distributed(locust_command, tmp_path, free_ports().http, master, host, workers=1)
+    assert codes == [2, 2], logs[0][-3000:]
+    errors = [line for line in logs[0].splitlines() if "/ERROR/" in line]
+    assert len(errors) == 1 and "a worker cannot start: the server at" in errors[0], errors
+    assert "has no model 'HRNet_W99_C'" in errors[0]
+    assert "threshold crossed" not in logs[0] and "Traceback" not in logs[0] + logs[1]
 
 
 @pytest.mark.parametrize(
@@ -501,15 +509,48 @@ def test_the_user_classes_follow_the_command_line_then_protocol(cpu_server, tmp_
     assert {r["Type"] for r in rows} == types and all(int(r["Failure Count"]) == 0 for r in rows), rows
 
 
-def test_open_loop_sends_the_target_rate_not_as_fast_as_answered(cpu_server, tmp_path, run_locust, aggregated):
-    """--target-rps 20 for 6 s: about 120 requests. The closed loop sends this trivial model over a
-    thousand a second here (docs/loadtest.md), so a count within twice the target shows the pacing
-    is engaged; the rate itself is not asserted."""
+def test_open_loop_sends_the_target_rate_shared_by_the_users(cpu_server, tmp_path, run_locust, aggregated):
+    """--target-rps 20 for 6 s, 2 users: about 115 requests (the users start in the first half second,
+    each paced at 10/s). The closed loop sends this trivial model over a thousand a second here
+    (docs/loadtest.md), and users each paced at the whole target would send about 230: the bound,
+    1.3 x 20 x 6 = 156, leaves room for a late stop on a loaded machine and fails both."""
     run = run_locust([*_tiny_trivial_args(cpu_server, tmp_path, "6s"), "--target-rps", "20"], tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     count = int(aggregated(tmp_path / "c")["Request Count"])
-    assert 10 <= count <= 2 * 20 * 6, count
+    assert 0.4 * 20 * 6 <= count <= 1.3 * 20 * 6, count
     assert "requests/s (open loop, target 20)" in run.stderr
+
+
+# A user paced at --target-rps 2 (one user: 0.5 s apart) fails once and backs off 1-2 s, longer than the
+# pacing; once it succeeds, its next pause must be the pacing's again, not 0 (a catch-up request).
+_PACING_AFTER_BACKOFF = """
+import time
+from argparse import Namespace
+
+import locust  # gevent's monkey-patching first, as in `python -m locust`
+from locust.env import Environment
+
+from hrnet_loadtest.users import HrnetHttpUser
+
+options = Namespace(target_rps=2.0, failure_backoff_ms=2000.0, failure_backoff_max_ms=2000.0)
+user = HrnetHttpUser(Environment(user_classes=[HrnetHttpUser], parsed_options=options))
+user.failures_in_row = 1
+backoff = user.wait_time()
+time.sleep(backoff)
+user.failures_in_row = 0
+print(backoff, user.wait_time())
+"""
+
+
+def test_the_pacing_after_a_backoff_counts_from_the_wait_made(tmp_path):
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-c", _PACING_AFTER_BACKOFF], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    backoff, paced = map(float, run.stdout.split())
+    assert 1.0 <= backoff <= 2.0 and 0.25 <= paced <= 0.5, (backoff, paced)
 
 
 def test_the_root_locust_conf_is_read_when_locust_runs_there(cpu_server, tmp_path, aggregated):

@@ -41,8 +41,9 @@ def _template_args(ui: str) -> dict:
 
 
 @contextmanager
-def web_ui(args: list[str], cwd: Path, free_ports, locust_command) -> Iterator[str]:
-    """A Locust web UI on a free loopback port; yields its address, and stops the process after."""
+def web_ui(args: list[str], cwd: Path, free_ports, locust_command, codes: list[int] | None = None) -> Iterator[str]:
+    """A Locust web UI on a free loopback port; yields its address, and stops the process after
+    (SIGTERM, as Ctrl-C or Kubernetes would), appending its exit code to ``codes`` if given."""
     port = free_ports().http
     command = [*locust_command, *args, "--web-host", "127.0.0.1", "--web-port", str(port)]
     log = open(cwd / "locust.log", "w")  # closed below, after the process
@@ -67,6 +68,8 @@ def web_ui(args: list[str], cwd: Path, free_ports, locust_command) -> Iterator[s
             proc.kill()
             proc.wait()
         log.close()
+        if codes is not None:
+            codes.append(proc.returncode)
 
 
 def _swarm(ui: str, form: dict) -> None:
@@ -180,3 +183,13 @@ def test_a_bad_run_from_the_web_ui_stops_with_one_message_and_the_ui_takes_the_n
     log = (tmp_path / "locust.log").read_text()
     assert log.count("has no model 'HRNet_W99_C'") == 1, log[-3000:]
     assert rows[("HTTP", "trivial")]["num_failures"] == 0 and "Traceback" not in log
+
+
+def test_a_web_ui_closed_before_any_run_exits_0_not_a_crossed_threshold(tmp_path, free_ports, locust_command):
+    """No run was started, so there is nothing to judge: "no request was made" fails headless runs only."""
+    codes: list[int] = []
+    with web_ui(["--host", "http://127.0.0.1:9"], tmp_path, free_ports, locust_command, codes) as ui:
+        assert _template_args(ui)["extra_options"]["model"]["default_value"] == "HRNet_W18_C"
+    log = (tmp_path / "locust.log").read_text()
+    assert codes == [0], log[-3000:]
+    assert "threshold crossed" not in log and "Traceback" not in log

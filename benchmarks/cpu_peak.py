@@ -15,7 +15,11 @@ share as slowness):
 The per-cycle figures they give are the cores' vector units at work, measured rather than read
 from a table (Zen 4 runs a 512-bit FMA as two 256-bit halves; Zen 5 does not).
 
-    python benchmarks/cpu_peak.py --seconds 3
+With ``--onnx X.onnx`` it also counts the model's multiply-adds (every Conv and MatMul, from the
+graph's shapes at batch 1) and prints the images/s each peak would allow: the roofline's
+compute ceiling, which docs/cpu-speed.md compares with what each runtime reaches.
+
+    python benchmarks/cpu_peak.py --seconds 3 --onnx artifacts/HRNet_W18_C.onnx
 """
 
 from __future__ import annotations
@@ -120,15 +124,44 @@ def measure(seconds: float = 3.0, cores: int | None = None) -> dict[str, float]:
     return {"cores": cores, "clock_hz": clock, "fp32_flops": fp32, "bf16_flops": bf16}
 
 
+def model_macs(onnx_path: Path) -> float:
+    """Multiply-adds per image of an exported model: its Conv and MatMul nodes at batch 1."""
+    import numpy as np
+    import onnx
+    from onnx import shape_inference
+
+    model = onnx.load(str(onnx_path))
+    for graph_input in model.graph.input:
+        graph_input.type.tensor_type.shape.dim[0].dim_value = 1
+    model = shape_inference.infer_shapes(model)
+    values = [*model.graph.value_info, *model.graph.output]
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in values}
+    weights = {t.name: list(t.dims) for t in model.graph.initializer}
+    macs = 0.0
+    for node in model.graph.node:
+        if node.op_type == "Conv":  # out elements x (in channels / groups) x kernel
+            macs += float(np.prod(shapes[node.output[0]])) * float(np.prod(weights[node.input[1]][1:]))
+        elif node.op_type in ("MatMul", "Gemm") and node.input[1] in weights:
+            macs += float(np.prod(weights[node.input[1]]))
+    return macs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=3.0, help="per loop (default: 3)")
+    ap.add_argument("--onnx", type=Path, help="also give the images/s ceiling of this exported model")
     args = ap.parse_args()
     m = measure(args.seconds)
     per_cycle = {k: m[k] / m["cores"] / m["clock_hz"] for k in ("fp32_flops", "bf16_flops")}
     print(f"{m['cores']} cores at {m['clock_hz'] / 1e9:.2f} GHz (dependent-add chain; the slowest core)")
     print(f"FP32 peak {m['fp32_flops'] / 1e9:.0f} GFLOP/s = {per_cycle['fp32_flops']:.1f} FLOP/cycle/core")
     print(f"BF16 peak {m['bf16_flops'] / 1e9:.0f} GFLOP/s = {per_cycle['bf16_flops']:.1f} FLOP/cycle/core")
+    if args.onnx:
+        flop = 2 * model_macs(args.onnx)
+        print(
+            f"{args.onnx.name}: {flop / 2e9:.2f} GMAC = {flop / 1e9:.2f} GFLOP per image; ceiling "
+            f"{m['fp32_flops'] / flop:.1f} img/s at FP32 peak, {m['bf16_flops'] / flop:.1f} img/s at BF16 peak"
+        )
 
 
 if __name__ == "__main__":

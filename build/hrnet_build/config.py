@@ -148,9 +148,9 @@ _DEFAULTS: dict[Target, RepositoryOptions] = {
     # Triton's openvino backend in the NGC image (docs/cpu-speed.md); a CPU gains little from
     # big batches, and 8 keeps latency bounded.
     Target.ONNX: RepositoryOptions(16, (4, 8), 2000, 64, 5_000_000, 1, InstanceKind.CPU, runtime=OPENVINO),
-    # The embedded default on a 2-core machine: two instances of one ONNX Runtime thread each
-    # beat one instance of two threads (HRNet's many small low-resolution ops scale poorly
-    # across threads), and no preferred sizes or delay: an instance takes whatever is waiting
+    # The embedded default on a 2-core machine: OpenVINO FP32, two instances of one thread
+    # each, which beat one instance of two threads at every point measured but one (a tie), FP32 and BF16
+    # (docs/cpu-speed.md), and no preferred sizes or delay: an instance takes whatever is waiting
     # when it frees up, instead of merging two concurrent requests onto one instance while the
     # other idles (measured in docs/repository.md).
     Target.CPU: RepositoryOptions(8, (), 0, 32, 5_000_000, 2, InstanceKind.CPU, threads=1, runtime=OPENVINO),

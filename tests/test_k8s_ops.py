@@ -25,12 +25,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from test_k8s import K8S, OVERLAYS, SCHEMAS_DIR, _get, _request, container, find, render
 
 from hrnet_client.served_model import Protocol
 from hrnet_client.triton import TritonClassifier
 from hrnet_core.errors import HrnetTritonError
 from hrnet_triton.server import LocalTritonServer
+
+from k8s_manifests import K8S, OVERLAYS, container, find, http_get, http_request, render, validate_operator_resource
 
 MONITORING = K8S / "components" / "monitoring"
 DASHBOARD = MONITORING / "triton-dashboard.json"
@@ -58,34 +59,14 @@ def panels() -> list[dict]:
 # -- the PrometheusRule ------------------------------------------------------------------------
 
 
-def _validate_rule(obj: dict) -> subprocess.CompletedProcess:
-    module = (
-        SCHEMAS_DIR / "node_modules/@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/PrometheusRule.js"
-    )
-    if shutil.which("node") is None or not module.is_file():
-        pytest.skip(
-            "PrometheusRule is a prometheus-operator custom resource: its schema comes from the npm package "
-            f"@kubernetes-models/prometheus-operator, which needs node and `make k8s-schemas` ({module} is missing)"
-        )
-    script = (
-        f"const {{ PrometheusRule }} = await import({json.dumps(module.as_uri())});"
-        "let text = ''; for await (const chunk of process.stdin) text += chunk;"
-        "try { new PrometheusRule(JSON.parse(text)).validate(); console.log('valid'); }"
-        "catch (err) { console.log(err.message); process.exit(1); }"
-    )
-    return subprocess.run(
-        ["node", "--input-type=module", "-e", script], input=json.dumps(obj), capture_output=True, text=True, timeout=60
-    )
-
-
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_prometheusrule_validates_against_the_operator_schema(overlay):
     rule = find(render(f"overlays/{overlay}"), "PrometheusRule", "triton")
-    run = _validate_rule(rule)
+    run = validate_operator_resource("PrometheusRule", rule)
     assert run.returncode == 0 and run.stdout.strip() == "valid", run.stdout + run.stderr
     broken = copy.deepcopy(rule)
     broken["spec"]["groups"][0]["rules"][0]["for"] = "ten minutes"  # not a Prometheus duration
-    run = _validate_rule(broken)
+    run = validate_operator_resource("PrometheusRule", broken)
     assert run.returncode == 1 and "for" in run.stdout and "pattern" in run.stdout, run.stdout
 
 
@@ -255,7 +236,7 @@ def prometheus_scraping(server: LocalTritonServer, tmp_path: Path, port: int, ru
     api = f"http://127.0.0.1:{port}/api/v1"
 
     def query(promql: str) -> list:
-        answer = json.loads(_get(f"{api}/query?{urllib.parse.urlencode({'query': promql})}")[1])
+        answer = json.loads(http_get(f"{api}/query?{urllib.parse.urlencode({'query': promql})}")[1])
         assert answer["status"] == "success", answer
         return answer["data"]["result"]
 
@@ -314,7 +295,7 @@ def scraped(cpu_server, tmp_path_factory, free_ports):
         time.sleep(2.5)  # samples before the load: the rate windows' baseline
         _drive(cpu_server, tmp_path)
         time.sleep(3)  # scraped, and the rules evaluated, after the last request
-        yield query, _get(f"http://127.0.0.1:{cpu_server.ports.metrics}/metrics")[1]
+        yield query, http_get(f"http://127.0.0.1:{cpu_server.ports.metrics}/metrics")[1]
 
 
 def test_dashboard_variables_list_the_served_namespace_and_models(scraped):
@@ -323,7 +304,7 @@ def test_dashboard_variables_list_the_served_namespace_and_models(scraped):
     for variable in dashboard()["templating"]["list"][1:]:
         metric, label = re.fullmatch(r"label_values\((.+), (\w+)\)", variable["query"]["query"]).groups()
         match = metric.replace('namespace=~"$namespace"', f'namespace=~"{NAMESPACE}"')
-        series = json.loads(_get(f"{query.api}/series?{urllib.parse.urlencode({'match[]': match})}")[1])["data"]
+        series = json.loads(http_get(f"{query.api}/series?{urllib.parse.urlencode({'match[]': match})}")[1])["data"]
         found = {s[label] for s in series}
         assert {"namespace": NAMESPACE, "model": W18}[variable["name"]] in found, (match, found)
 
@@ -372,11 +353,11 @@ def test_alerts_evaluate_in_prometheus_and_fire_exactly_as_their_values_say(scra
     value (its expression without the threshold) exists, and the alert is pending exactly when the
     value is over the threshold (`for:` keeps it from firing within this test)."""
     query, _ = scraped
-    groups = json.loads(_get(f"{query.api}/rules")[1])["data"]["groups"]
+    groups = json.loads(http_get(f"{query.api}/rules")[1])["data"]["groups"]
     rules = {r["name"]: r for g in groups for r in g["rules"]}
     assert set(rules) == set(alerts())
     assert all(r["health"] == "ok" and not r.get("lastError") for r in rules.values()), rules
-    firing = json.loads(_get(f"{query.api}/alerts")[1])["data"]["alerts"]
+    firing = json.loads(http_get(f"{query.api}/alerts")[1])["data"]["alerts"]
     active = {(a["labels"]["alertname"], a["labels"].get("model")): a["state"] for a in firing}
     for name in ("TritonQueueTimeHigh", "TritonRequestFailuresHigh"):
         expr = alerts()[name]["expr"]
@@ -424,7 +405,7 @@ def two_servers(serve_env, free_ports, tmp_path_factory):
 
 def _counts(servers: list[LocalTritonServer]) -> list[int]:
     """Each server's count of inferences of the trivial model, from its statistics API (admin key)."""
-    answers = [_request(f"{s.http_url}/v2/models/trivial/stats", admin_key=s.admin_key) for s in servers]
+    answers = [http_request(f"{s.http_url}/v2/models/trivial/stats", admin_key=s.admin_key) for s in servers]
     assert all(status == 200 for status, _ in answers), answers
     return [int(json.loads(body)["model_stats"][0]["inference_count"]) for _, body in answers]
 

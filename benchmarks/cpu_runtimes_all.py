@@ -22,12 +22,13 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
-from serving_throughput import Data, cpu_name, free_ports
+from serving_throughput import Data, free_ports
 
 from hrnet_build.repository import RepositoryOptions, Target, write_repository
 from hrnet_client.triton import TritonClassifier
 from hrnet_core import variants
 from hrnet_core.runtime import OnnxRuntimeRunner
+from hrnet_triton.perf_report import cpu_model
 from hrnet_triton.server import LocalTritonServer, default_serve_env
 
 RUNTIMES = {"ONNX Runtime fp32": ("onnxruntime", "fp32"), "OpenVINO fp32": ("openvino", "fp32")}
@@ -86,7 +87,7 @@ def main() -> None:
     data = Data()
     table = {name: one_variant(name, args, data) for name in args.variants}
     print(
-        f"\n{date.today()}; {cpu_name()}; HTTP, concurrency {args.concurrency}; median of {args.rounds} round(s) "
+        f"\n{date.today()}; {cpu_model()}; HTTP, concurrency {args.concurrency}; median of {args.rounds} round(s) "
         f"of {args.seconds:.0f} s per point; images/s, and the ratio to ONNX Runtime FP32\n"
     )
     heads = [f"{label}, batch {b}" for b in (1, 8) for label in RUNTIMES]

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import platform
 import resource
 import socket
 import statistics
@@ -58,6 +57,7 @@ from hrnet_core.contract import INPUT_KINDS, PREPROCESS_MODEL, model_name
 from hrnet_core.preprocess import crop_from_bytes, tensor_from_bytes
 from hrnet_core.samples import sample_images
 from hrnet_triton.bench import model_stats, server_split
+from hrnet_triton.perf_report import cpu_model
 from hrnet_triton.server import LocalTritonServer, Ports
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -276,18 +276,11 @@ def median(rows: list[dict], key: str) -> float:
     return statistics.median(row[key] for row in rows)
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
-
-
 def report(files, wire, results, args) -> None:
     from importlib.metadata import version
 
     print(
-        f"\n{VARIANT} (offline weights), cpu target, {date.today()}; {cpu_name()}, {os.cpu_count()} cores, shared "
+        f"\n{VARIANT} (offline weights), cpu target, {date.today()}; {cpu_model()}, {os.cpu_count()} cores, shared "
         f"by server and client; tritonserver from nvidia-pytriton {version('nvidia-pytriton')}, tritonclient "
         f"{version('tritonclient')}, OpenCV {cv2.__version__}; median of {args.rounds} interleaved rounds; "
         f"load average {args.load[0]:.1f} at the start, {args.load[1]:.1f} at the end\n"

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import socket
 import statistics
 import tempfile
@@ -48,6 +47,7 @@ from hrnet_core import variants
 from hrnet_core.preprocess import preprocess_files
 from hrnet_core.runtime import OnnxRuntimeRunner, OpenVinoRunner, Runner
 from hrnet_core.samples import sample_images
+from hrnet_triton.perf_report import cpu_model
 from hrnet_triton.server import LocalTritonServer, Ports
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -130,16 +130,6 @@ SERVED_PREFIX = {
 
 def tolerance(name: str) -> float:
     return 0.1 if "bf16" in name else ATOL
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def free_ports() -> Ports:
@@ -244,7 +234,7 @@ def report(variant: str, rows: list[tuple[str, int, float]], args: argparse.Name
     from paddle import inference
 
     print(
-        f"\n{variant}, offline weights; {date.today()}; {cpu_name()}, {cores} cores; "
+        f"\n{variant}, offline weights; {date.today()}; {cpu_model()}, {cores} cores; "
         f"median of {args.rounds} rounds of {args.seconds:.0f} s per point; onnxruntime {ort.__version__}; "
         f"openvino {ov.__version__.split('-')[0]}; "
         f"{inference.get_version().splitlines()[0] if hasattr(inference, 'get_version') else ''}\n"

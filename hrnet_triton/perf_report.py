@@ -24,7 +24,8 @@ from hrnet_triton.bench import BenchConfig, Point, locust_step_ms
 AGREEMENT = 0.10  # the goal: Locust within 10% of perf_analyzer
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), for the reports' machine line."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -54,7 +55,7 @@ def run_context(cfg: BenchConfig, server: dict[str, str], perf_analyzer_version:
         "triton_version": server["triton_version"],
         "perf_analyzer": perf_analyzer_version or "not used",
         "locust": locust_version if "locust" in cfg.tools else "not used",
-        "machine": f"{_cpu_model()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
+        "machine": f"{cpu_model()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
         "load_average_at_start": " ".join(f"{x:.2f}" for x in load),
     }
 

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 
-from hrnet_core import atomic
 from hrnet_core.contract import (
     CHANNELS,
     CROP_SIZE,
@@ -38,7 +37,7 @@ from hrnet_core.contract import (
     triton_parameters,
 )
 from hrnet_core.errors import HrnetTritonError, ImageError
-from hrnet_core.preprocess import _byte_limit, _read_bytes, load_crop, load_tensor
+from hrnet_core.preprocess import load_crop, load_tensor, read_image_bytes, save_batch
 
 # Each kind's datatype, as tritonclient names it and as a model config does.
 DATATYPES = {"tensor": "FP32", "uint8": "UINT8", "image": "BYTES"}
@@ -156,7 +155,7 @@ def encoded(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS, max_byte
     uncompressed ``max_pixels`` image) is read; a FIFO, a device or a larger file is refused unread.
     """
     element = np.empty(1, dtype=np.object_)
-    element[0] = _read_bytes(path, _byte_limit(max_pixels, max_bytes))
+    element[0] = read_image_bytes(path, max_pixels, max_bytes)
     return element
 
 
@@ -172,9 +171,4 @@ def save_input(
     if kind not in ("tensor", "uint8"):
         raise InputError(f"preprocess writes the tensor or uint8 input, not {kind!r}: the image input is the file")
     x = (load_tensor if kind == "tensor" else load_crop)(image, cfg, max_pixels)[np.newaxis]
-    out = Path(out)
-    out = out if out.suffix == ".npy" else out.with_name(out.name + ".npy")
-    with atomic.atomic_path(out, suffix=".npy") as tmp:
-        with open(tmp, "wb") as fh:
-            np.save(fh, x)
-    return out, x
+    return save_batch(x, out), x

@@ -64,7 +64,8 @@ __all__ = [
     "preprocess",
     "preprocess_files",
     "read_image",
-    "save_tensor",
+    "read_image_bytes",
+    "save_batch",
     "tensor_from_bytes",
     "try_load_tensor",
 ]
@@ -135,6 +136,13 @@ def _byte_limit(max_pixels: int, max_bytes: int | None) -> int:
     return max_file_bytes(max_pixels) if max_bytes is None else max_bytes
 
 
+def read_image_bytes(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS, max_bytes: int | None = None) -> bytes:
+    """The bytes of an image file, undecoded: only a regular file of at most ``max_bytes``
+    (default: that of an uncompressed ``max_pixels`` image) is read; a FIFO, a device or a larger
+    file is refused unread with an :class:`ImageError`."""
+    return _read_bytes(path, _byte_limit(max_pixels, max_bytes))
+
+
 def _read_bytes(path: str | os.PathLike[str], limit: int) -> bytes:
     """The bytes of a regular file of at most ``limit`` bytes.
 
@@ -159,7 +167,7 @@ def _read_bytes(path: str | os.PathLike[str], limit: int) -> bytes:
 
 def read_image(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS, max_bytes: int | None = None) -> np.ndarray:
     """Read an image file (a regular file of at most ``max_bytes``) to an 8-bit RGB HWC array."""
-    return decode(_read_bytes(path, _byte_limit(max_pixels, max_bytes)), str(path), max_pixels)
+    return decode(read_image_bytes(path, max_pixels, max_bytes), str(path), max_pixels)
 
 
 def resize_short(img: np.ndarray, short: int) -> np.ndarray:
@@ -220,7 +228,7 @@ def load_tensor(
 ) -> np.ndarray:
     """One image file -> the float32 CHW tensor (what ``classify`` sends for it). Only regular
     files of at most ``max_bytes`` (default :func:`max_file_bytes` of ``max_pixels``) are read."""
-    return tensor_from_bytes(_read_bytes(path, _byte_limit(max_pixels, max_bytes)), str(path), cfg, max_pixels)
+    return tensor_from_bytes(read_image_bytes(path, max_pixels, max_bytes), str(path), cfg, max_pixels)
 
 
 def _checked_bgr(data: bytes, name: str, cfg: PreprocessConfig, max_pixels: int) -> np.ndarray:
@@ -256,7 +264,7 @@ def load_crop(
     max_bytes: int | None = None,
 ) -> np.ndarray:
     """One image file -> the uint8 HWC crop the ``uint8`` models take (see :func:`crop_from_bytes`)."""
-    return crop_from_bytes(_read_bytes(path, _byte_limit(max_pixels, max_bytes)), str(path), cfg, max_pixels)
+    return crop_from_bytes(read_image_bytes(path, max_pixels, max_bytes), str(path), cfg, max_pixels)
 
 
 def default_workers() -> int:
@@ -304,17 +312,11 @@ def preprocess_files(paths: Sequence[str | os.PathLike[str]], cfg: PreprocessCon
     return np.stack(tensors)
 
 
-def save_tensor(
-    image: str | os.PathLike[str],
-    out: str | os.PathLike[str],
-    cfg: PreprocessConfig = DEFAULT_PREPROCESS,
-    max_pixels: int = MAX_PIXELS,
-) -> tuple[Path, np.ndarray]:
-    """Write the (1, 3, H, W) batch of ``image`` to ``out`` (``.npy`` added if missing), atomically."""
-    x = load_tensor(image, cfg, max_pixels)[np.newaxis]
+def save_batch(x: np.ndarray, out: str | os.PathLike[str]) -> Path:
+    """Write the batch ``x`` to ``out`` (``.npy`` added if missing) atomically; returns the path written."""
     out = Path(out)
     out = out if out.suffix == ".npy" else out.with_name(out.name + ".npy")
     with atomic.atomic_path(out, suffix=".npy") as tmp:
         with open(tmp, "wb") as fh:
             np.save(fh, x)
-    return out, x
+    return out

@@ -35,22 +35,19 @@ class BadImage:
 
 class TritonPythonModel:
     def initialize(self, args):
-        if int(np.__version__.split(".")[0]) >= 2:
-            raise pb_utils.TritonModelException(
-                f"numpy {np.__version__} is installed in the serving environment; Triton's python backend "
-                "stub of this release returns empty outputs with numpy 2. Start the server from an "
-                "environment with numpy<2 (`make serve-env` creates .venv-serve)."
-            )
         try:
             import hrnet_core
             from hrnet_core.contract import PreprocessConfig, triton_parameters
             from hrnet_core.errors import ImageError
             from hrnet_core.preprocess import tensor_from_bytes
+            from hrnet_core.runtime import python_backend_problem
         except ImportError as err:
             raise pb_utils.TritonModelException(
                 f"hrnet_preprocess needs this project's hrnet_core in the serving environment ({err}): "
                 "`make serve-env` installs it in .venv-serve; the Dockerfile's server stage in the image"
             ) from err
+        if problem := python_backend_problem():
+            raise pb_utils.TritonModelException(problem)
         config = json.loads(args["model_config"])
         params = triton_parameters(config)
         self.cfg = PreprocessConfig.from_triton_config(config)

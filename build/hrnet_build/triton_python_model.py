@@ -28,19 +28,19 @@ OUTPUT = "probabilities"
 
 class TritonPythonModel:
     def initialize(self, args):
-        if int(np.__version__.split(".")[0]) >= 2:
-            # Measured: the stub shipped with tritonserver 2.51 (nvidia-pytriton 0.7.0) returns
-            # empty output tensors under numpy 2 (see docs/repository.md).
+        try:
+            from hrnet_core.contract import triton_parameters
+            from hrnet_core.errors import HrnetTritonError
+            from hrnet_core.runtime import ONNXRUNTIME, cpu_runner, python_backend_problem
+        except ImportError as err:
             raise pb_utils.TritonModelException(
-                f"numpy {np.__version__} is installed in the serving environment; Triton's python backend "
-                "stub of this release returns empty outputs with numpy 2. Start the server from an "
-                "environment with numpy<2 (`make serve-env` creates .venv-serve)."
-            )
-        from hrnet_core.errors import HrnetTritonError
-        from hrnet_core.runtime import ONNXRUNTIME, cpu_runner
-
+                f"{args['model_name']} needs this project's hrnet_core in the serving environment ({err}): "
+                "`make serve-env` installs it in .venv-serve; the Dockerfile's server stage in the image"
+            ) from err
+        if problem := python_backend_problem():
+            raise pb_utils.TritonModelException(problem)
         config = json.loads(args["model_config"])
-        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        params = triton_parameters(config)
         path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
         if not os.path.isfile(path):
             raise pb_utils.TritonModelException(

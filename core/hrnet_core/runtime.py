@@ -20,6 +20,21 @@ from hrnet_core.contract import INPUT_NAME, OUTPUT_NAME
 from hrnet_core.errors import HrnetTritonError
 
 
+def python_backend_problem() -> str | None:
+    """Why this environment cannot serve through Triton's python backend, or None when it can.
+
+    Measured: the stub shipped with tritonserver 2.51 (nvidia-pytriton 0.7.0) returns empty output
+    tensors under numpy 2 (docs/repository.md), so both python-backend models refuse to load there.
+    """
+    if int(np.__version__.split(".")[0]) >= 2:
+        return (
+            f"numpy {np.__version__} is installed in the serving environment; Triton's python backend "
+            "stub of this release returns empty outputs with numpy 2. Start the server from an "
+            "environment with numpy<2 (`make serve-env` creates .venv-serve)."
+        )
+    return None
+
+
 @runtime_checkable
 class Runner(Protocol):
     """Something that computes class probabilities for a batch of preprocessed images."""

@@ -1,6 +1,6 @@
 """Shared by the Kubernetes tests (test_k8s.py, test_k8s_ops.py): rendering the manifests with
 kubectl's kustomize, finding objects in them, validating prometheus-operator resources against
-the operator's own schema, and plain HTTP calls to a real Triton."""
+the operator's own schema, plain HTTP calls to a real Triton, and a real Prometheus scraping it."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ import json
 import re
 import shutil
 import subprocess
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,8 @@ from hrnet_core.contract import ADMIN_HEADER
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 OVERLAYS = ("gpu", "gpu-s3", "cpu")
+# The labels a Prometheus scrape through the shipped ServiceMonitor adds to Triton's series.
+SCRAPE_LABELS = {"namespace": "hrnet-triton", "pod": "triton-5d9c7b8f4-x2x7q"}
 SCHEMAS_DIR = ROOT / ".cache" / "k8s-schemas"  # `make k8s-schemas`: the prometheus-operator models from npm
 
 
@@ -100,3 +105,56 @@ def http_request(url: str, body: dict | None = None, admin_key: str | None = Non
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, err.read().decode()
+
+
+@contextmanager
+def prometheus_scraping(metrics_port: int, tmp_path: Path, port: int, job: str, rules: dict | None = None):
+    """A real Prometheus on ``port`` scraping Triton's metrics port every second, with the labels
+    the ServiceMonitor's scrape gives (``job``, namespace, pod: :data:`SCRAPE_LABELS`), evaluating
+    ``rules`` every second; yields its query function once the first scrape is in."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("Prometheus is not installed: `apt-get install --no-install-recommends prometheus` (.ci/run does)")
+    target = {"targets": [f"127.0.0.1:{metrics_port}"], "labels": SCRAPE_LABELS}
+    config = {
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [{"job_name": job, "static_configs": [target]}],
+    }
+    if rules is not None:
+        (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rules))
+        config["rule_files"] = [str(tmp_path / "rules.yaml")]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    api = f"http://127.0.0.1:{port}/api/v1"
+
+    def query(promql: str) -> list:
+        answer = json.loads(http_get(f"{api}/query?{urllib.parse.urlencode({'query': promql})}")[1])
+        assert answer["status"] == "success", answer
+        return answer["data"]["result"]
+
+    query.api = api  # type: ignore[attr-defined]
+    with open(tmp_path / "prometheus.log", "w") as log_file:
+        process = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={tmp_path / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if query(f'up{{job="{job}"}} == 1'):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"Prometheus never scraped Triton: {(tmp_path / 'prometheus.log').read_text()[-2000:]}")
+        yield query
+    finally:
+        process.terminate()
+        process.wait(30)

@@ -21,9 +21,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from importlib.metadata import version as installed_version
 from multiprocessing import shared_memory
 from pathlib import Path
@@ -47,6 +44,7 @@ from k8s_manifests import (
     K8S,
     OVERLAYS,
     ROOT,
+    SCRAPE_LABELS,
     container,
     find,
     http_get,
@@ -54,6 +52,7 @@ from k8s_manifests import (
     kubectl,
     kustomize,
     pod_spec,
+    prometheus_scraping,
     render,
     validate_operator_resource,
 )
@@ -1069,52 +1068,9 @@ def test_adapter_rule_computes_the_queue_time_per_request_that_triton_reports(de
     """Prometheus scrapes the running Triton as the ServiceMonitor would (with namespace and pod labels);
     the adapter rule's query, filled in as prometheus-adapter fills it for one pod, must give the mean
     queue time per request that Triton's own statistics API gives for the same requests."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.skip("Prometheus is not installed: `apt-get install --no-install-recommends prometheus` (.ci/run does)")
     server = deployed.server
-    model, pod = locust_settings()["LOCUST_MODEL"], "triton-5d9c7b8f4-x2x7q"
-    config = {
-        "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
-        "scrape_configs": [
-            {
-                "job_name": "triton",
-                "static_configs": [
-                    {
-                        "targets": [f"127.0.0.1:{server.ports.metrics}"],
-                        "labels": {"namespace": "hrnet-triton", "pod": pod},
-                    }
-                ],
-            }
-        ],
-    }
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_ports().http
-    api = f"http://127.0.0.1:{port}/api/v1/query"
-
-    def query(promql: str) -> list:
-        return json.loads(http_get(f"{api}?{urllib.parse.urlencode({'query': promql})}")[1])["data"]["result"]
-
-    with open(tmp_path / "prometheus.log", "w") as log_file:
-        prometheus = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={tmp_path / 'prometheus.yml'}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if len(query(f'nv_inference_request_success{{model="{model}"}}')) == 1:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.5)
+    model = locust_settings()["LOCUST_MODEL"]
+    with prometheus_scraping(server.ports.metrics, tmp_path, free_ports().http, "triton") as query:
         time.sleep(2.5)  # samples before the load: the window's baseline
         before = model_stats(server.http_url, model, admin_key=deployed.admin_key)
         # Four requests in flight on two instances, so that requests queue: the project's client.
@@ -1123,19 +1079,13 @@ def test_adapter_rule_computes_the_queue_time_per_request_that_triton_reports(de
         after = model_stats(server.http_url, model, admin_key=deployed.admin_key)
         time.sleep(3)  # scraped after the last request
         rule = _adapter_rule()
-        promql = (
-            rule["metricsQuery"]
-            .replace("<<.GroupBy>>", "pod")
-            .replace("<<.LabelMatchers>>", f'namespace="hrnet-triton",pod="{pod}"')
-        )
+        labels = ",".join(f'{k}="{v}"' for k, v in SCRAPE_LABELS.items())
+        promql = rule["metricsQuery"].replace("<<.GroupBy>>", "pod").replace("<<.LabelMatchers>>", labels)
         (series,) = query(promql)
-    finally:
-        prometheus.terminate()
-        prometheus.wait(30)
     queue_ms, _ = server_split(before, after)
     expected = queue_ms / 1e3
     assert expected > 0.01  # 4 in flight on 2 instances: requests really queued
-    assert series["metric"] == {"pod": pod}
+    assert series["metric"] == {"pod": SCRAPE_LABELS["pod"]}
     # rate() extrapolates each counter by up to half a scrape interval past its samples (less for a
     # counter it sees start near zero), ~4% of this 13 s window; over minutes in a cluster, far less.
     assert float(series["value"][1]) == pytest.approx(expected, rel=0.1)

@@ -19,7 +19,6 @@ import subprocess
 import time
 import urllib.parse
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +30,23 @@ from hrnet_client.triton import TritonClassifier
 from hrnet_core.errors import HrnetTritonError
 from hrnet_triton.server import LocalTritonServer
 
-from k8s_manifests import K8S, OVERLAYS, container, find, http_get, http_request, render, validate_operator_resource
+from k8s_manifests import (
+    K8S,
+    OVERLAYS,
+    SCRAPE_LABELS,
+    container,
+    find,
+    http_get,
+    http_request,
+    prometheus_scraping,
+    render,
+    validate_operator_resource,
+)
 
 MONITORING = K8S / "components" / "monitoring"
 DASHBOARD = MONITORING / "triton-dashboard.json"
-NAMESPACE, JOB, W18 = "hrnet-triton", "triton-metrics", "HRNet_W18_C"
-POD = "triton-5d9c7b8f4-x2x7q"  # the pod label the ServiceMonitor's scrape adds
+JOB, W18 = "triton-metrics", "HRNet_W18_C"
+NAMESPACE, POD = SCRAPE_LABELS["namespace"], SCRAPE_LABELS["pod"]  # the labels the ServiceMonitor's scrape adds
 TRIVIAL_MODEL = Path(__file__).resolve().parents[1] / "loadtest" / "trivial_repository" / "trivial"
 
 
@@ -217,58 +227,6 @@ def _grafana(expr: str) -> str:
     )
 
 
-@contextmanager
-def prometheus_scraping(server: LocalTritonServer, tmp_path: Path, port: int, rules: dict | None = None):
-    """A real Prometheus scraping ``server`` every second, with the labels the ServiceMonitor's scrape
-    gives (job, namespace, pod), evaluating ``rules`` every second; yields its query function."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.skip("Prometheus is not installed: `apt-get install --no-install-recommends prometheus` (.ci/run does)")
-    target = {"targets": [f"127.0.0.1:{server.ports.metrics}"], "labels": {"namespace": NAMESPACE, "pod": POD}}
-    config = {
-        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [{"job_name": JOB, "static_configs": [target]}],
-    }
-    if rules is not None:
-        (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rules))
-        config["rule_files"] = [str(tmp_path / "rules.yaml")]
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    api = f"http://127.0.0.1:{port}/api/v1"
-
-    def query(promql: str) -> list:
-        answer = json.loads(http_get(f"{api}/query?{urllib.parse.urlencode({'query': promql})}")[1])
-        assert answer["status"] == "success", answer
-        return answer["data"]["result"]
-
-    query.api = api  # type: ignore[attr-defined]
-    with open(tmp_path / "prometheus.log", "w") as log_file:
-        process = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={tmp_path / 'prometheus.yml'}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if query(f'up{{job="{JOB}"}} == 1'):
-                    break
-            except OSError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"Prometheus never scraped Triton: {(tmp_path / 'prometheus.log').read_text()[-2000:]}")
-        yield query
-    finally:
-        process.terminate()
-        process.wait(30)
-
-
 def _drive(server: LocalTritonServer, tmp_path: Path) -> None:
     """Traffic that fills every panel: 80 tensors, 4 in flight on the 2 instances (they queue), and
     over gRPC a few images for HRNet_W18_C_image, one of them not an image (a failed request)."""
@@ -291,7 +249,7 @@ def scraped(cpu_server, tmp_path_factory, free_ports):
     """The cpu_server's Triton under load, scraped by a real Prometheus that evaluates the shipped
     alerts; yields (query, Triton's metrics text) once the load is over and scraped."""
     tmp_path = tmp_path_factory.mktemp("prometheus")
-    with prometheus_scraping(cpu_server, tmp_path, free_ports().http, rules=rule_spec()) as query:
+    with prometheus_scraping(cpu_server.ports.metrics, tmp_path, free_ports().http, JOB, rules=rule_spec()) as query:
         time.sleep(2.5)  # samples before the load: the rate windows' baseline
         _drive(cpu_server, tmp_path)
         time.sleep(3)  # scraped, and the rules evaluated, after the last request

@@ -9,7 +9,9 @@ The ways to run one variant (default HRNet_W18_C, offline weights) on the CPU:
 - Triton: the ``cpu`` target as ``hrnet-triton repo`` writes it, in each ``--served``
   arrangement (runtime, precision, instances x threads), on the nvidia-pytriton ``tritonserver``,
   called over HTTP by ``hrnet_client.TritonClassifier`` with ``--concurrency`` requests in flight,
-  from the same machine (the client's CPU time is part of the bill).
+  from the same machine (the client's CPU time is part of the bill), sending each ``--inputs``
+  kind: ``tensor`` (float32 NCHW, 602 KB an image) and/or ``uint8`` (the 224x224 crops, 150 KB an
+  image, normalised inside the model).
 
 Each point runs for ``--seconds`` after a warm-up, on preprocessed copies of the sample
 photographs; the points are measured in ``--rounds`` interleaved rounds and each figure is the
@@ -44,7 +46,7 @@ from hrnet_build.repository import RepositoryOptions, Target, write_repository
 from hrnet_build.weights import InferenceModel, WeightsSpec, find_inference_model
 from hrnet_client.triton import TritonClassifier
 from hrnet_core import variants
-from hrnet_core.preprocess import preprocess_files
+from hrnet_core.preprocess import load_crop, preprocess_files
 from hrnet_core.runtime import OnnxRuntimeRunner, OpenVinoRunner, Runner
 from hrnet_core.samples import sample_images
 from hrnet_triton.perf_report import cpu_model
@@ -166,12 +168,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--served", default=",".join(SERVED), help=f"served arrangements, of: {', '.join(SERVED)} (default: all)"
     )
+    ap.add_argument("--inputs", default="tensor", help="input kinds to send: tensor, uint8 (default: tensor)")
     ap.add_argument("--serve-env", type=Path, default=REPO_ROOT / ".venv-serve")
     ap.add_argument("--workdir", type=Path, help="keep the export and repository here (default: a temporary directory)")
     args = ap.parse_args(argv)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     args.concurrencies = [int(c) for c in args.concurrency.split(",")]
     args.served = args.served.split(",")
+    args.inputs = args.inputs.split(",")
+    if set(args.inputs) - {"tensor", "uint8"}:
+        ap.error(f"--inputs takes tensor and/or uint8, not {args.inputs}")
     unknown = set(args.served) - set(SERVED)
     if unknown:
         ap.error(f"unknown --served {sorted(unknown)}; choose from {', '.join(SERVED)}")
@@ -183,10 +189,12 @@ class Data:
 
     def __init__(self) -> None:
         self.photos = preprocess_files(sample_images())
-        self.pool = np.concatenate([self.photos] * 2)  # 14 images to draw batches from
+        self.crops = np.stack([load_crop(p) for p in sample_images()])  # the uint8 input of the same photos
+        # 14 images of each input kind to draw batches from
+        self.pools = {"tensor": np.concatenate([self.photos] * 2), "uint8": np.concatenate([self.crops] * 2)}
 
-    def batch(self, n: int, i: int = 0) -> np.ndarray:
-        return np.ascontiguousarray(np.take(self.pool, range(i, i + n), axis=0, mode="wrap"))
+    def batch(self, n: int, i: int = 0, kind: str = "tensor") -> np.ndarray:
+        return np.ascontiguousarray(np.take(self.pools[kind], range(i, i + n), axis=0, mode="wrap"))
 
 
 def in_process_steps(models: Models, data: Data, reference: np.ndarray, batch_sizes: list[int]) -> Steps:
@@ -205,15 +213,18 @@ def in_process_steps(models: Models, data: Data, reference: np.ndarray, batch_si
 def triton_steps(
     clients: ExitStack, url: str, label: str, model: str, data: Data, reference: np.ndarray, b: int, args
 ) -> Steps:
-    """``b`` images per request over HTTP at every ``--concurrency`` (and with shared memory, if asked)."""
+    """``b`` images per request over HTTP of each ``--inputs`` kind at every ``--concurrency`` (and
+    with shared memory, if asked)."""
     steps: Steps = {}
-    for c in args.concurrencies:
+    for kind, c in ((kind, c) for kind in args.inputs for c in args.concurrencies):
+        first = data.photos if kind == "tensor" else data.crops
         for shm in (False, True) if args.shared_memory else (False,):
-            clf = clients.enter_context(TritonClassifier(url, model, input="tensor", concurrency=c, shared_memory=shm))
-            got = np.concatenate(clf.run_batches([data.photos[i : i + b] for i in range(0, len(data.photos), b)]))
+            clf = clients.enter_context(TritonClassifier(url, model, input=kind, concurrency=c, shared_memory=shm))
+            got = np.concatenate(clf.run_batches([first[i : i + b] for i in range(0, len(first), b)]))
             np.testing.assert_allclose(got, reference, atol=tolerance(label))
-            batches = [data.batch(b, i) for i in range(c * 2)]  # two rounds of c requests per step
-            name = f"Triton {label} over HTTP{' + shared memory' if shm else ''}, concurrency {c}"
+            batches = [data.batch(b, i, kind) for i in range(c * 2)]  # two rounds of c requests per step
+            how = f"{kind} input, " if kind != "tensor" else ""
+            name = f"Triton {label} over HTTP, {how}{'shared memory, ' if shm else ''}concurrency {c}"
             steps[name, b] = lambda clf=clf, batches=batches: sum(map(len, clf.run_batches(batches)))
     return steps
 
@@ -296,7 +307,7 @@ def serve(variant, work: Path, label: str, args: argparse.Namespace) -> LocalTri
         runtime=runtime, precision=precision, instances=instances, threads=threads
     )
     repo = work / f"repository-{label}"
-    write_repository(Target.CPU, [variant], repo, options, onnx_dir=work, kinds=["tensor"], gate=precision == "fp32")
+    write_repository(Target.CPU, [variant], repo, options, onnx_dir=work, kinds=args.inputs, gate=precision == "fp32")
     return LocalTritonServer(repo, serve_env=args.serve_env, ports=free_ports(), log_file=work / f"triton-{label}.log")
 
 

@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,15 @@ TRIVIAL_MODEL = REPO_ROOT / "loadtest" / "trivial_repository" / "trivial"
 
 # Fixtures that start real processes: a test using one of them is marked `server`.
 SERVER_FIXTURES = {"cpu_server", "serve_env", "run_locust", "locust_command"}
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """The free disk where the tests write: the suite's exported models and environments take
+    about 1.5 GB at once (a passing test's directory is deleted when it ends: pyproject.toml)."""
+    where = Path(config.option.basetemp or tempfile.gettempdir())
+    while not where.exists():
+        where = where.parent
+    return f"free disk under {where}: {shutil.disk_usage(where).free / 1e9:.1f} GB"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -9,10 +9,11 @@ Two measurements, on ONNX models already exported into ``--onnx-dir`` (``X.onnx`
   proportional set size (PSS: a page shared by n processes counts 1/n to each), read once
   every model is loaded and again after one request of ``--batch`` images to each model
   (activations); and the sum of each process's peak resident size (VmHWM), an upper bound.
-- ``one-process``: every model compiled by OpenVINO in this one process, then one batch of
-  ``--batch`` images run through each: the arrangement of Triton's openvino backend (the onnx
-  target of the cpu overlay), where model instances are threads of the one server process.
-  Resident size (RSS) after each compile and after the batches, and the peak (VmHWM).
+- ``one-process``: every model compiled by OpenVINO in this one process and one batch of
+  ``--batch`` images run through it (as Triton's warm-up does at load), model after model, all
+  kept: the arrangement of Triton's openvino backend (the onnx target of the cpu overlay), where
+  model instances are threads of the one server process. Resident size (RSS) after each compile
+  and after each batch (OpenVINO keeps the memory of the largest batch it ran), and the peak.
 
     python benchmarks/serving_memory.py --onnx-dir DIR --how one-process --batch 16 --inputs tensor,uint8
     python benchmarks/serving_memory.py --onnx-dir DIR --how served --batch 8
@@ -70,20 +71,18 @@ def zeros(kind: str, batch: int) -> np.ndarray:
 
 
 def one_process(files: list[tuple[str, Path]], batch: int, threads: int) -> list[tuple[str, float]]:
-    """Compile every model here, then run one batch through each; (what, GiB resident) rows."""
+    """Compile each model here and run one batch through it, one model after another, keeping them
+    all (as a server does after its warm-up); (what, GiB resident) rows."""
     from hrnet_core.runtime import OpenVinoRunner
 
-    rows = [("this process before any model (numpy, openvino imported)", status_bytes("self", "VmRSS") / GIB)]
+    rows = [("this process before any model", status_bytes("self", "VmRSS") / GIB)]
     runners = []
     for kind, path in files:
-        runners.append((kind, OpenVinoRunner(path, threads=threads)))
-        rows.append((f"after compiling {path.name}", status_bytes("self", "VmRSS") / GIB))
-    for kind, runner in runners:
-        runner.run(zeros(kind, batch))
-    gc.collect()
-    rows.append(
-        (f"after one batch of {batch} through each of the {len(runners)} models", status_bytes("self", "VmRSS") / GIB)
-    )
+        runners.append(OpenVinoRunner(path, threads=threads))
+        rows.append((f"{path.name} compiled", status_bytes("self", "VmRSS") / GIB))
+        runners[-1].run(zeros(kind, batch))
+        gc.collect()
+        rows.append((f"{path.name} after a batch of {batch}", status_bytes("self", "VmRSS") / GIB))
     rows.append(("peak resident size (VmHWM)", status_bytes("self", "VmHWM") / GIB))
     return rows
 

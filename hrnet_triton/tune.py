@@ -8,8 +8,9 @@
    measured by perf_analyzer at each concurrency; objective ``perf_throughput`` under the
    constraint ``perf_latency_p95 <= --slo-ms``. Local launch mode: one fresh server per config,
    started through :mod:`hrnet_triton.tune_launch` (docs/tune.md says why not remote mode).
-3. The winner: the measurement of highest throughput among those Model Analyzer marks as
-   satisfying the constraint. Its config (from Model Analyzer's output repository) is parsed back
+3. The winner (:mod:`hrnet_triton.tune_winner`): the config with the most throughput summed over
+   the concurrencies searched, counting only the measurements Model Analyzer marks as satisfying
+   the constraint. Its config (from Model Analyzer's output repository) is parsed back
    into :class:`RepositoryOptions` (``options_from_config``); the searched fields become overrides
    of the target's defaults, and ``write_repository`` writes the repository to ``--out``.
 4. ``--out`` and the report directory (Model Analyzer's CSVs, HTML reports, its config, the
@@ -20,8 +21,6 @@
 
 from __future__ import annotations
 
-import csv
-import dataclasses
 import json
 import logging
 import os
@@ -33,11 +32,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hrnet_build.config import RepositoryOptions, Target, options_from_config, parse_config
+from hrnet_build.config import RepositoryOptions, Target
 from hrnet_build.repository import write_repository
 from hrnet_core import atomic
 from hrnet_core.contract import INPUT_KINDS, model_name
-from hrnet_core.errors import HrnetTritonError
 from hrnet_core.variants import Variant
 
 from .tools import Tools
@@ -52,6 +50,7 @@ from .tune_config import (
     config_text,
 )
 from .tune_launch import stop_model_analyzer
+from .tune_winner import TuneError, Winner, pick_winner, read_rows
 
 log = logging.getLogger(__name__)
 
@@ -62,29 +61,6 @@ INFERENCE_CSV = "metrics-model-inference.csv"
 TUNE_RESTRICTED_APIS = ("shared-memory", "trace", "logging")
 # The NGC container's server, for --target gpu (the wheel's tritonserver has no TensorRT backend).
 NGC_TRITONSERVER = Path("/opt/tritonserver/bin/tritonserver")
-
-
-class TuneError(HrnetTritonError):
-    """Model Analyzer failed, or found no config within the SLO."""
-
-
-@dataclass(frozen=True)
-class Winner:
-    """The chosen measurement: Model Analyzer's CSV row and the options it becomes."""
-
-    variant_name: str  # Model Analyzer's name for the config, e.g. HRNet_W18_C_config_3
-    row: dict[str, str]
-    options: RepositoryOptions
-
-    def summary(self) -> dict:
-        o = self.options
-        return {
-            "model_analyzer_config": self.variant_name,
-            "instances": o.instances,
-            "max_batch_size": o.max_batch_size,
-            "max_queue_delay_us": o.max_queue_delay_us,
-            "measured": self.row,
-        }
 
 
 @dataclass(frozen=True)
@@ -320,36 +296,9 @@ def _run_model_analyzer(tools: Tools, work: Path) -> None:
         raise TuneError(f"model-analyzer profile exited with code {code}; its last lines:\n" + "\n".join(tail))
 
 
-def read_rows(csv_path: Path) -> list[dict[str, str]]:
-    """Model Analyzer's inference table, one dict per measurement (config × concurrency)."""
-    if not csv_path.is_file():
-        raise TuneError(f"Model Analyzer wrote no {csv_path.name} (no config could be measured); see its log")
-    with open(csv_path, newline="") as fh:
-        return [{k.strip(): (v or "").strip() for k, v in row.items()} for row in csv.DictReader(fh)]
-
-
 def choose_winner(csv_path: Path, variants_dir: Path, r: TuneRequest) -> Winner:
-    """The highest-throughput measurement that satisfies the p95 constraint, as options."""
-    rows = read_rows(csv_path)
-    passing = [row for row in rows if row.get("Satisfies Constraints") == "Yes"]
-    if not passing:
-        best = min((float(row["p95 Latency (ms)"]) for row in rows), default=float("nan"))
-        raise TuneError(
-            f"none of the {len(rows)} measurements kept p95 latency within {r.slo_ms:g} ms (the best p95 was "
-            f"{best:.0f} ms); raise --slo-ms or search lower concurrency (--concurrency)"
-        )
-    row = max(passing, key=lambda x: float(x["Throughput (infer/sec)"]))
-    name = row["Model Config Path"]
-    config = variants_dir / name / "config.pbtxt"
-    if not config.is_file():
-        raise TuneError(f"Model Analyzer measured {name} but its {config} is missing")
-    measured = options_from_config(parse_config(config.read_text()))
-    base = r.base or RepositoryOptions.for_target(r.target)
-    options = dataclasses.replace(
-        base.override(max_batch=measured.max_batch_size, instances=measured.instances),
-        max_queue_delay_us=measured.max_queue_delay_us,
-    )
-    return Winner(name, row, options)
+    """The config with the most throughput within the SLO over the concurrencies searched (``tune_winner``)."""
+    return pick_winner(read_rows(csv_path), variants_dir, r.slo_ms, r.base or RepositoryOptions.for_target(r.target))
 
 
 def _write_winner(r: TuneRequest, winner: Winner) -> list[Path]:

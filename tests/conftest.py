@@ -31,7 +31,7 @@ SERVER_FIXTURES = {"cpu_server", "serve_env", "run_locust", "locust_command"}
 
 def pytest_report_header(config: pytest.Config) -> str:
     """The free disk where the tests write: the suite's exported models and environments take
-    about 1.5 GB at once (a passing test's directory is deleted when it ends: pyproject.toml)."""
+    about 1.4 GB at once (a passing test's directory is deleted when it ends: pyproject.toml)."""
     where = Path(config.option.basetemp or tempfile.gettempdir())
     while not where.exists():
         where = where.parent

@@ -24,7 +24,9 @@ from hrnet_core.contract import ADMIN_HEADER
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 OVERLAYS = ("gpu", "gpu-s3", "cpu")
-# The labels a Prometheus scrape through the shipped ServiceMonitor adds to Triton's series.
+# The job (the metrics Service's name) and labels a Prometheus scrape through the shipped
+# ServiceMonitor gives Triton's series.
+SCRAPE_JOB = "triton-metrics"
 SCRAPE_LABELS = {"namespace": "hrnet-triton", "pod": "triton-5d9c7b8f4-x2x7q"}
 SCHEMAS_DIR = ROOT / ".cache" / "k8s-schemas"  # `make k8s-schemas`: the prometheus-operator models from npm
 
@@ -108,9 +110,9 @@ def http_request(url: str, body: dict | None = None, admin_key: str | None = Non
 
 
 @contextmanager
-def prometheus_scraping(metrics_port: int, tmp_path: Path, port: int, job: str, rules: dict | None = None):
+def prometheus_scraping(metrics_port: int, tmp_path: Path, port: int, rules: dict | None = None):
     """A real Prometheus on ``port`` scraping Triton's metrics port every second, with the labels
-    the ServiceMonitor's scrape gives (``job``, namespace, pod: :data:`SCRAPE_LABELS`), evaluating
+    the ServiceMonitor's scrape gives (:data:`SCRAPE_JOB`, :data:`SCRAPE_LABELS`), evaluating
     ``rules`` every second; yields its query function once the first scrape is in."""
     binary = shutil.which("prometheus")
     if binary is None:
@@ -118,7 +120,7 @@ def prometheus_scraping(metrics_port: int, tmp_path: Path, port: int, job: str, 
     target = {"targets": [f"127.0.0.1:{metrics_port}"], "labels": SCRAPE_LABELS}
     config = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [{"job_name": job, "static_configs": [target]}],
+        "scrape_configs": [{"job_name": SCRAPE_JOB, "static_configs": [target]}],
     }
     if rules is not None:
         (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rules))
@@ -147,7 +149,7 @@ def prometheus_scraping(metrics_port: int, tmp_path: Path, port: int, job: str, 
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
-                if query(f'up{{job="{job}"}} == 1'):
+                if query(f'up{{job="{SCRAPE_JOB}"}} == 1'):
                     break
             except OSError:
                 pass

@@ -1070,7 +1070,7 @@ def test_adapter_rule_computes_the_queue_time_per_request_that_triton_reports(de
     queue time per request that Triton's own statistics API gives for the same requests."""
     server = deployed.server
     model = locust_settings()["LOCUST_MODEL"]
-    with prometheus_scraping(server.ports.metrics, tmp_path, free_ports().http, "triton") as query:
+    with prometheus_scraping(server.ports.metrics, tmp_path, free_ports().http) as query:
         time.sleep(2.5)  # samples before the load: the window's baseline
         before = model_stats(server.http_url, model, admin_key=deployed.admin_key)
         # Four requests in flight on two instances, so that requests queue: the project's client.

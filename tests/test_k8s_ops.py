@@ -33,6 +33,7 @@ from hrnet_triton.server import LocalTritonServer
 from k8s_manifests import (
     K8S,
     OVERLAYS,
+    SCRAPE_JOB,
     SCRAPE_LABELS,
     container,
     find,
@@ -45,7 +46,7 @@ from k8s_manifests import (
 
 MONITORING = K8S / "components" / "monitoring"
 DASHBOARD = MONITORING / "triton-dashboard.json"
-JOB, W18 = "triton-metrics", "HRNet_W18_C"
+W18, JOB = "HRNet_W18_C", SCRAPE_JOB
 NAMESPACE, POD = SCRAPE_LABELS["namespace"], SCRAPE_LABELS["pod"]  # the labels the ServiceMonitor's scrape adds
 TRIVIAL_MODEL = Path(__file__).resolve().parents[1] / "loadtest" / "trivial_repository" / "trivial"
 
@@ -249,7 +250,7 @@ def scraped(cpu_server, tmp_path_factory, free_ports):
     """The cpu_server's Triton under load, scraped by a real Prometheus that evaluates the shipped
     alerts; yields (query, Triton's metrics text) once the load is over and scraped."""
     tmp_path = tmp_path_factory.mktemp("prometheus")
-    with prometheus_scraping(cpu_server.ports.metrics, tmp_path, free_ports().http, JOB, rules=rule_spec()) as query:
+    with prometheus_scraping(cpu_server.ports.metrics, tmp_path, free_ports().http, rules=rule_spec()) as query:
         time.sleep(2.5)  # samples before the load: the rate windows' baseline
         _drive(cpu_server, tmp_path)
         time.sleep(3)  # scraped, and the rules evaluated, after the last request
